@@ -1,0 +1,208 @@
+"""Stage-1 tokenizer: quantizers learn, gradients flow, shapes hold, checkpoints round-trip."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel
+
+from evaluation.reconstruction import psnr_from_mse
+from stage1_dvae import DVAEConfig, DVAEModel
+from stage1_dvae.quantizers.gumbel import kl_to_uniform
+from tests.conftest import tiny_dvae_config
+
+
+def reconstruction_psnr(model: DVAEModel, pixels: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        reconstruction = model.decode(model.encode(pixels))
+    model.train()
+    return psnr_from_mse(((reconstruction - pixels) / 2).pow(2).mean().item())
+
+
+@pytest.mark.parametrize("quantizer", ["gumbel", "vq"])
+def test_quantizer_overfits_a_small_batch(quantizer: str, digit_pixels: torch.Tensor) -> None:
+    pixels = digit_pixels[:8]
+    model = DVAEModel(tiny_dvae_config(quantizer))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    initial_loss, initial_psnr = None, reconstruction_psnr(model, pixels)
+    for step in range(80):
+        output = model(pixels, temperature=max(0.97**step, 0.3))
+        initial_loss = initial_loss if initial_loss is not None else output.loss.item()
+        output.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    final_psnr = reconstruction_psnr(model, pixels)
+    assert output.loss.item() < 0.25 * initial_loss
+    assert final_psnr > 18.0, f"{quantizer}: PSNR {final_psnr:.1f} dB after overfitting"
+    assert final_psnr > initial_psnr + 8.0
+
+
+@pytest.mark.parametrize(
+    "quantizer, straight_through", [("gumbel", False), ("gumbel", True), ("vq", False)]
+)
+def test_gradients_reach_the_encoder(quantizer: str, straight_through: bool, digit_pixels: torch.Tensor) -> None:
+    model = DVAEModel(tiny_dvae_config(quantizer, straight_through=straight_through))
+    output = model(digit_pixels[:4], temperature=0.5)
+    output.reconstruction_loss.backward()  # the reconstruction alone: no KL / commitment shortcut
+    first_conv = model.encoder.layers[0].weight
+    assert first_conv.grad is not None and first_conv.grad.abs().sum() > 0
+
+
+def test_straight_through_gumbel_uses_hard_one_hots(digit_pixels: torch.Tensor) -> None:
+    model = DVAEModel(tiny_dvae_config("gumbel", straight_through=True))
+    logits = model.encoder(digit_pixels[:2])
+    quantized = model.quantizer(logits, temperature=0.7)
+    # a hard one-hot picks exactly one code vector per position
+    codebook = model.quantizer.embedding.weight
+    picked = codebook[quantized.codes.flatten()]
+    embeddings = quantized.embeddings.permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
+    gumbel_codes_match = torch.isclose(embeddings[:, None, :], codebook[None], atol=1e-5).all(-1).any(-1)
+    assert gumbel_codes_match.all()
+    assert picked.shape == embeddings.shape
+
+
+@pytest.mark.parametrize("quantizer", ["gumbel", "vq"])
+@pytest.mark.parametrize("image_size, factor, multipliers", [(16, 2, [1, 2]), (24, 4, [1, 1, 2]), (32, 8, [1, 1, 2, 2])])
+def test_encode_decode_shapes_and_dtypes(quantizer: str, image_size: int, factor: int, multipliers: list[int]) -> None:
+    config = tiny_dvae_config(
+        quantizer, image_size=image_size, downsample_factor=factor, channel_multipliers=multipliers
+    )
+    model = DVAEModel(config).eval()
+    pixels = torch.rand(3, 3, image_size, image_size) * 2 - 1
+    codes = model.encode(pixels)
+    assert codes.dtype == torch.int64
+    assert codes.shape == (3, image_size // factor, image_size // factor)
+    assert 0 <= codes.min() and codes.max() < config.codebook_size
+    images = model.decode(codes)
+    assert images.shape == pixels.shape and images.dtype == torch.float32
+    assert images.min() >= -1 and images.max() <= 1
+    # evaluation-mode forward is deterministic and agrees with encode()
+    assert torch.equal(model(pixels).codes, codes)
+
+
+def test_logit_laplace_decoder_outputs_pixels_in_range(digit_pixels: torch.Tensor) -> None:
+    model = DVAEModel(tiny_dvae_config("gumbel", reconstruction_loss="logit_laplace"))
+    output = model(digit_pixels[:4])
+    assert model.decoder.conv_out.out_channels == 6  # location and log-scale per channel
+    assert output.reconstruction.shape == digit_pixels[:4].shape
+    assert output.reconstruction.min() >= -1 and output.reconstruction.max() <= 1
+    assert torch.isfinite(output.loss)
+
+
+def test_kl_to_uniform_matches_hand_computation() -> None:
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    logits = probs.log().view(1, 4, 1, 1)
+    entropy = 1.75 * math.log(2)  # -sum p log p for (1/2, 1/4, 1/8, 1/8)
+    assert kl_to_uniform(logits).item() == pytest.approx(math.log(4) - entropy, abs=1e-6)
+    assert kl_to_uniform(torch.zeros(2, 8, 3, 3)).item() == pytest.approx(0.0, abs=1e-6)
+    one_hot_logits = torch.full((1, 8, 1, 1), -1e4)
+    one_hot_logits[0, 3] = 0
+    assert kl_to_uniform(one_hot_logits).item() == pytest.approx(math.log(8), abs=1e-4)
+
+
+def test_vq_codebook_initialises_with_kmeans_and_restarts_dead_codes() -> None:
+    model = DVAEModel(tiny_dvae_config("vq", codebook_size=16, dead_code_threshold=0.5, ema_decay=0.5))
+    quantizer = model.quantizer
+    assert not bool(quantizer.initialized)
+    latents = torch.randn(4, 16, 4, 4) + 5.0  # far from the random initial codebook
+    quantizer.train()
+    quantizer(latents)
+    assert bool(quantizer.initialized)
+    vectors = latents.permute(0, 2, 3, 1).reshape(-1, 16)
+    # k-means centroids lie among the data, not at the N(0, 1) initialisation
+    assert quantizer.codebook.mean().item() == pytest.approx(5.0, abs=0.5)
+    # a code nobody uses decays below the threshold and is restarted from an encoder output
+    quantizer.codebook[0] = -100.0
+    quantizer.ema_embedding_sum[0] = -100.0
+    assert torch.cdist(quantizer.codebook[:1], vectors).min() > 100
+    for _ in range(4):
+        quantizer(latents)
+    assert torch.cdist(quantizer.codebook[:1], vectors).min() < 0.5
+
+
+def test_vq_ema_moves_codes_toward_their_vectors() -> None:
+    model = DVAEModel(tiny_dvae_config("vq", codebook_size=4, kmeans_init=False, dead_code_threshold=0.0, ema_decay=0.5))
+    quantizer = model.quantizer.train()
+    target = torch.full((1, 16, 2, 2), 3.0)
+    before = torch.cdist(quantizer.codebook, target[0, :, 0, 0][None]).min().item()
+    for _ in range(20):
+        quantizer(target)
+    after = torch.cdist(quantizer.codebook, target[0, :, 0, 0][None]).min().item()
+    assert after < 0.1 * before
+
+
+@pytest.mark.parametrize("quantizer", ["gumbel", "vq"])
+def test_save_and_load_give_identical_outputs(quantizer: str, tmp_path, digit_pixels: torch.Tensor) -> None:
+    model = DVAEModel(tiny_dvae_config(quantizer))
+    model(digit_pixels)  # a training-mode pass: the VQ codebook gets its k-means init and EMA update
+    model.eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and not list(tmp_path.glob("*.bin"))
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, DVAEModel)
+    codes = model.encode(digit_pixels)
+    assert torch.equal(loaded.encode(digit_pixels), codes)
+    assert torch.equal(loaded.decode(codes), model.decode(codes))
+
+
+def test_loading_incomplete_or_mismatched_directories_fails_clearly(tmp_path, digit_pixels) -> None:
+    model = DVAEModel(tiny_dvae_config("vq"))
+    good = tmp_path / "good"
+    model.save_pretrained(good)
+
+    missing_weights = tmp_path / "missing_weights"
+    shutil.copytree(good, missing_weights)
+    (missing_weights / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        DVAEModel.from_pretrained(missing_weights)
+
+    missing_config = tmp_path / "missing_config"
+    shutil.copytree(good, missing_config)
+    (missing_config / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        DVAEModel.from_pretrained(missing_config)
+
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(good, mismatched)
+    config = json.loads((mismatched / "config.json").read_text())
+    config["hidden_channels"] = 32
+    (mismatched / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="do not match the shapes"):
+        DVAEModel.from_pretrained(mismatched)
+
+    missing_codebook = tmp_path / "missing_codebook"
+    shutil.copytree(good, missing_codebook)
+    weights = load_file(missing_codebook / "model.safetensors")
+    del weights["quantizer.codebook"]
+    save_file(weights, missing_codebook / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="does not match DVAEModel: missing_keys.*quantizer.codebook"):
+        DVAEModel.from_pretrained(missing_codebook)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"downsample_factor": 3}, "power of two"),
+        ({"image_size": 18, "downsample_factor": 4}, "multiple of downsample_factor"),
+        ({"downsample_factor": 8}, "channel_multipliers needs"),
+        ({"quantizer": "kmeans"}, "gumbel"),
+        ({"codebook_size": "many"}, "codebook_size"),
+    ],
+)
+def test_config_rejects_bad_values(overrides: dict, message: str) -> None:
+    with pytest.raises(Exception, match=message):
+        DVAEConfig(**overrides)
+
+
+def test_decode_rejects_out_of_range_codes() -> None:
+    model = DVAEModel(tiny_dvae_config("gumbel")).eval()
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 64\)"):
+        model.decode(torch.full((1, 8, 8), 64))
+    with pytest.raises(ValueError, match="pixel_values must have shape"):
+        model.encode(torch.zeros(1, 3, 32, 32))

@@ -1,0 +1,205 @@
+"""Training scaffolding: config loading and validation, schedules, checkpoints, exact resume, multi-process."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from stage1_dvae.train import Stage1Config, train
+from training.checkpointing import list_checkpoints, resolve_checkpoint
+from training.config import ConfigError, TrainingConfig, load_config
+from training.data import iterate_batches
+from training.images import image_grid
+from training.schedules import cosine_anneal, linear_warmup
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "dvae" / "tiny.yaml")
+
+
+def tiny_config(output_dir: Path, *overrides: str) -> Stage1Config:
+    return load_config(
+        Stage1Config, ["--config", TINY, "--output_dir", str(output_dir), "--report_to", "none",
+                       "--progress", "false", *overrides]
+    )
+
+
+# ---- config -------------------------------------------------------------------------------------
+
+
+def test_yaml_and_command_line_overrides(tmp_path: Path) -> None:
+    config = tiny_config(
+        tmp_path, "--training.learning_rate", "1e-4", "--codebook_size=32", "--quantizer", "vq",
+        "--mixed_precision", "no", "--temperature_anneal_steps", "null",
+    )
+    assert config.training.learning_rate == 1e-4 and isinstance(config.training.learning_rate, float)
+    assert config.model.codebook_size == 32 and config.model.quantizer == "vq"
+    assert config.model.hidden_channels == 16  # from the YAML file
+    assert config.training.mixed_precision == "no"  # a string, not YAML's boolean
+    assert config.schedule.temperature_anneal_steps is None
+    assert config.data.max_examples == 256
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--training.learning_rat", "1e-3"], r"unknown config key 'training.learning_rat'.*Did you mean training.learning_rate"),
+        (["--batch_size", "many"], r"'training.batch_size' = 'many' is invalid: expected int"),
+        (["--mixed_precision", "fp8"], r"expected one of 'auto', 'no', 'bf16', 'fp16'"),
+        (["--learning_rate", "-1"], r"training.learning_rate must be > 0, got -1"),
+        (["--image_size", "32"], r"ambiguous: use one of --data.image_size, --model.image_size"),
+        (["--data.image_size", "32"], r"model.image_size \(16\) differs from data.image_size \(32\)"),
+        (["--model.downsample_factor", "3"], r"downsample_factor must be a power of two"),
+        (["--data.source", ""], r"DataConfig.source=''"),
+    ],
+)
+def test_bad_config_fails_with_a_clear_message(tmp_path: Path, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path, *overrides)
+
+
+def test_bad_config_fails_before_any_work(tmp_path: Path) -> None:
+    output_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "stage1_dvae.train", "--config", TINY, "--output_dir", str(output_dir),
+         "--max_steps", "0"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode != 0
+    assert "training.max_steps must be > 0, got 0" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not output_dir.exists()
+
+
+def test_missing_config_file_is_reported() -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(TrainingConfig, ["--config", "no/such/file.yaml"])
+
+
+# ---- schedules and grids ------------------------------------------------------------------------
+
+
+def test_schedules_hit_their_endpoints() -> None:
+    assert cosine_anneal(0, 1.0, 1 / 16, 100) == pytest.approx(1.0)
+    assert cosine_anneal(50, 1.0, 1 / 16, 100) == pytest.approx((1.0 + 1 / 16) / 2)
+    assert cosine_anneal(100, 1.0, 1 / 16, 100) == cosine_anneal(500, 1.0, 1 / 16, 100) == 1 / 16
+    assert linear_warmup(0, 6.6, 10) == 0 and linear_warmup(5, 6.6, 10) == pytest.approx(3.3)
+    assert linear_warmup(20, 6.6, 10) == 6.6
+
+
+def test_image_grid_puts_rows_above_each_other() -> None:
+    top = -torch.ones(3, 3, 4, 4)  # black
+    bottom = torch.ones(3, 3, 4, 4)  # white
+    grid = np.asarray(image_grid(torch.cat([top, bottom]), num_rows=2))
+    assert grid.shape == (2 * 6 + 2, 3 * 6 + 2, 3)
+    assert grid[2:6, 2:6].max() == 0 and grid[8:12, 2:6].min() == 255
+
+
+# ---- checkpoints and resume ---------------------------------------------------------------------
+
+
+def test_latest_ignores_incomplete_checkpoints(tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    for name in ("step_4", "step_12", ".tmp-step_16", "step_8"):
+        (checkpoints / name).mkdir(parents=True)
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step_4", "step_8", "step_12"]
+    assert resolve_checkpoint("latest", tmp_path).name == "step_12"
+    assert resolve_checkpoint("latest", tmp_path / "fresh") is None
+    with pytest.raises(FileNotFoundError, match="pass 'latest' or a path"):
+        resolve_checkpoint(str(tmp_path / "nope"), tmp_path)
+
+
+@pytest.mark.parametrize("quantizer", ["gumbel", "vq"])
+def test_resumed_run_matches_uninterrupted_run(tmp_path: Path, quantizer: str) -> None:
+    """Resuming from the step-N checkpoint reaches the same weights at step 2N as the run that went on.
+
+    256 images in batches of 16 with 2 accumulation steps: 8 steps per epoch, so the second half
+    (steps 7-12) crosses into the reshuffled second epoch.
+    """
+    common = ["--quantizer", quantizer, "--max_steps", "12", "--checkpointing_steps", "6",
+              "--checkpoints_total_limit", "5", "--gradient_accumulation_steps", "2"]
+    full = tmp_path / "full"
+    train(tiny_config(full, *common))
+    assert [p.name for p in list_checkpoints(full / "checkpoints")] == ["step_6", "step_12"]
+
+    resumed = tmp_path / "resumed"
+    metrics = train(tiny_config(resumed, *common, "--resume_from_checkpoint", str(full / "checkpoints" / "step_6")))
+    assert metrics["step"] == 12
+
+    expected = load_file(full / "model" / "model.safetensors")
+    actual = load_file(resumed / "model" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_interrupted_run_resumes_from_latest(tmp_path: Path) -> None:
+    """A run killed after a checkpoint continues from it with `--resume_from_checkpoint latest`."""
+    output_dir = tmp_path / "run"
+    config = tiny_config(output_dir, "--max_steps", "4", "--checkpointing_steps", "2")
+    train(config)
+    (output_dir / "model").rename(tmp_path / "first_model")
+    longer = tiny_config(output_dir, "--max_steps", "4", "--checkpointing_steps", "2",
+                         "--resume_from_checkpoint", "latest")
+    metrics = train(longer)  # the latest checkpoint is the final one: nothing left to train
+    assert metrics["step"] == 4
+    assert load_file(output_dir / "model" / "model.safetensors").keys() == load_file(
+        tmp_path / "first_model" / "model.safetensors").keys()
+
+
+def test_training_writes_checkpoints_grids_logs_and_model(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, "--report_to", "tensorboard", "--checkpoints_total_limit", "1")
+    metrics = train(config)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_8"]  # keeps the last 1
+    assert (tmp_path / "images" / "reconstructions_step_4.png").is_file()
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "config.yaml").is_file()
+    assert {"psnr", "mse", "codebook_usage", "perplexity", "train_images_per_second"} <= metrics.keys()
+
+
+def test_batch_iteration_resumes_at_the_same_position() -> None:
+    """The batch stream from micro-batch k equals the tail of the stream from 0, across epochs."""
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=0))
+
+    def stream(start: int, count: int) -> list[list[int]]:
+        loader = DataLoader(list(range(10)), batch_size=3, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(0))
+        batches = iterate_batches(accelerator, accelerator.prepare(loader), start=start)
+        return [next(batches).tolist() for _ in range(count)]
+
+    full = stream(0, 9)
+    assert stream(4, 5) == full[4:]
+    assert full[0:3] != full[3:6], "each epoch is reshuffled"
+
+
+# ---- multi-process ------------------------------------------------------------------------------
+
+
+def test_two_process_cpu_run_writes_once(tmp_path: Path) -> None:
+    """`accelerate launch --num_processes 2` on CPU (gloo): both ranks train, rank 0 alone writes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        ["accelerate", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+         "-m", "stage1_dvae.train", "--config", TINY, "--output_dir", str(tmp_path),
+         "--max_steps", "4", "--checkpointing_steps", "2", "--quantizer", "vq", "--progress", "false"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stderr
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_2", "step_4"]
+    step_dir = tmp_path / "checkpoints" / "step_4"
+    assert sorted(p.name for p in step_dir.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert len(list((tmp_path / "logs").glob("*/events.out.tfevents.*"))) == 1
+    assert len(list(tmp_path.rglob("model.safetensors"))) == 3  # two checkpoints + the export
+    assert result.stderr.count("final validation") == 1

@@ -1,0 +1,23 @@
+"""Captioned-image data shared by both stages: built-in datasets, local/Hub loading, transforms."""
+
+from .config import DataConfig
+from .digits import make_digits_dataset
+from .shapes import draw_shape, make_shapes, make_shapes_dataset, parse_shape_caption, shape_caption
+from .sources import BUILTIN_DATASETS, load_text_image_dataset
+from .transforms import ImageTransform, TextImageCollator, decode_image, to_rgb
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "DataConfig",
+    "ImageTransform",
+    "TextImageCollator",
+    "decode_image",
+    "draw_shape",
+    "load_text_image_dataset",
+    "make_digits_dataset",
+    "make_shapes",
+    "make_shapes_dataset",
+    "parse_shape_caption",
+    "shape_caption",
+    "to_rgb",
+]

@@ -1,0 +1,83 @@
+"""Configuration of the captioned-image data both stages train on."""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DataConfig:
+    """Where the captioned images come from and how they are split.
+
+    `source` is a built-in dataset name (`"digits"`, `"shapes"`), a local folder (the
+    `datasets` imagefolder convention: images plus `metadata.jsonl`/`metadata.csv` with
+    `file_name` and caption columns) or anything else `datasets.load_dataset` accepts (a Hub
+    dataset id, a local directory of parquet/csv/json files).
+
+    Built-in datasets always use their own fixed split (seed 0), so `validation_fraction`
+    and `seed` only apply to other sources that lack `validation_split`.
+    """
+
+    source: str = "digits"
+    image_size: int = 32  # side of the square training images; built-ins are drawn at it
+    image_column: str = "image"  # source column names, renamed to `image` and `text`
+    text_column: str = "text"
+    train_split: str = "train"
+    validation_split: str = "validation"
+    validation_fraction: float = 0.1  # share of train held out when validation_split is absent
+    seed: int = 0  # seed of that held-out split
+    streaming: bool = False  # return IterableDataset splits
+    num_shapes: int = 2000  # size of the built-in `shapes` dataset
+    max_examples: int | None = None  # cap on the train split, for quick runs
+
+    def __post_init__(self) -> None:
+        for name in ("source", "image_column", "text_column", "train_split", "validation_split"):
+            value = getattr(self, name)
+            _require(isinstance(value, str) and value != "", name, value, "a non-empty string")
+        _require(
+            self.image_column != self.text_column,
+            "text_column",
+            self.text_column,
+            "a column other than image_column",
+        )
+        _require(
+            self.train_split != self.validation_split,
+            "validation_split",
+            self.validation_split,
+            "a split other than train_split",
+        )
+        _require(
+            _is_int(self.image_size) and self.image_size > 0,
+            "image_size",
+            self.image_size,
+            "a positive integer, e.g. 32",
+        )
+        _require(
+            isinstance(self.validation_fraction, (int, float))
+            and not isinstance(self.validation_fraction, bool)
+            and 0 < self.validation_fraction < 1,
+            "validation_fraction",
+            self.validation_fraction,
+            "a number strictly between 0 and 1, e.g. 0.1",
+        )
+        _require(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "a non-negative integer")
+        _require(isinstance(self.streaming, bool), "streaming", self.streaming, "True or False")
+        _require(
+            _is_int(self.num_shapes) and self.num_shapes >= 10,
+            "num_shapes",
+            self.num_shapes,
+            "an integer >= 10, so that the 10% validation split is not empty",
+        )
+        _require(
+            self.max_examples is None or (_is_int(self.max_examples) and self.max_examples > 0),
+            "max_examples",
+            self.max_examples,
+            "None (no cap) or a positive integer",
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(condition: bool, name: str, value: object, allowed: str) -> None:
+    if not condition:
+        raise ValueError(f"DataConfig.{name}={value!r} is invalid: set it to {allowed}.")

@@ -1,0 +1,97 @@
+"""Image decoding, RGB conversion, and the collator that turns captioned images into tensors."""
+
+import logging
+import os
+from typing import Any
+
+import datasets
+import einops
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+
+logger = logging.getLogger(__name__)
+
+WHITE = (255, 255, 255, 255)
+
+
+def decode_image(
+    value: PIL.Image.Image | dict[str, Any] | str | os.PathLike,
+) -> PIL.Image.Image | None:
+    """Fully decode an image given as a PIL image, a `{"bytes", "path"}` dict or a path.
+
+    Returns None, with a warning naming the file, when the image is missing, corrupt or
+    truncated.
+    """
+    if isinstance(value, (str, os.PathLike)):
+        value = {"path": os.fspath(value), "bytes": None}
+    try:
+        image = datasets.Image().decode_example(value)
+        image.load()  # a lazily opened PIL image only reveals truncation here
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+        name = value.get("path") if isinstance(value, dict) else getattr(value, "filename", None)
+        logger.warning("Skipping unreadable image %s: %s", name or "<in-memory bytes>", error)
+        return None
+    return image
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparent pixels become white.
+
+    16-bit modes (`I;16*`, and `I`, assumed to hold 16-bit values) are rescaled to 8 bits
+    rather than clipped.
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        image = image.convert("I").point(lambda value: value / 257).convert("L")
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, WHITE), rgba)
+    return image.convert("RGB")
+
+
+class ImageTransform:
+    """PIL image -> FloatTensor[3, S, S] in [-1, 1]: RGB, shortest side to S, centre crop."""
+
+    def __init__(self, image_size: int) -> None:
+        if not isinstance(image_size, int) or image_size <= 0:
+            raise ValueError(
+                f"image_size={image_size!r} is invalid: set it to a positive integer, e.g. 32."
+            )
+        self.image_size = image_size
+
+    def __call__(self, image: PIL.Image.Image) -> torch.Tensor:
+        size = (self.image_size, self.image_size)
+        image = PIL.ImageOps.fit(to_rgb(image), size, method=PIL.Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))
+        return einops.rearrange(pixels / 127.5 - 1.0, "h w c -> c h w")
+
+
+class TextImageCollator:
+    """Batch `{"image", "text"[, "label"]}` examples, dropping and counting unreadable images.
+
+    Returns `{"pixel_values": FloatTensor[B, 3, S, S], "text": list[str], "num_skipped": int}`,
+    plus `"label": LongTensor[B]` when the examples carry a label. B is 0 when every image of
+    the batch is unreadable.
+    """
+
+    def __init__(self, image_size: int) -> None:
+        self.transform = ImageTransform(image_size)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        kept, pixel_values = [], []
+        for example in examples:
+            image = decode_image(example["image"])
+            if image is not None:
+                kept.append(example)
+                pixel_values.append(self.transform(image))
+        size = self.transform.image_size
+        empty = torch.empty(0, 3, size, size)
+        batch = {
+            "pixel_values": torch.stack(pixel_values) if pixel_values else empty,
+            "text": [example["text"] for example in kept],
+            "num_skipped": len(examples) - len(kept),
+        }
+        if examples and "label" in examples[0]:
+            batch["label"] = torch.tensor([example["label"] for example in kept], dtype=torch.long)
+        return batch

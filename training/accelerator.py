@@ -1,0 +1,59 @@
+"""Create the `Accelerator` both stages train under: precision, accumulation, trackers, seeding."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+
+from training.config import TrainingConfig
+
+logger = logging.getLogger(__name__)
+
+
+def cpu_supports_fast_bf16() -> bool:
+    """True when the CPU advertises native bf16 matmul (AMX or AVX-512 BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_mixed_precision(setting: str, use_cpu: bool = False) -> str:
+    """Map `auto` to bf16 where it is fast (CUDA with bf16, or a bf16-capable CPU), else `no`."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available() and not use_cpu:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_fast_bf16() else "no"
+
+
+def create_accelerator(config: TrainingConfig, project_name: str) -> Accelerator:
+    """An Accelerator configured from `config`, seeded, with trackers started on the main process."""
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        # Without an accelerator, say so: several processes then form a gloo group (MULTI_CPU).
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision=resolve_mixed_precision(config.mixed_precision),
+        # Accumulation windows follow the step count, not epoch ends, so a resumed run syncs on the same batches.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # A seeded sampler makes the data order a function of (seed, epoch): exact resume needs it.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+    )
+    set_seed(config.seed, device_specific=True)
+    if accelerator.device.type == "cpu":
+        # Soft one-hots at low temperature are full of subnormal floats, which are very slow on CPU.
+        torch.set_flush_denormal(True)
+    logger.info(
+        "accelerator: %d process(es), device %s, mixed precision %s",
+        accelerator.num_processes, accelerator.device, accelerator.mixed_precision,
+    )
+    return accelerator

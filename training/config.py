@@ -1,0 +1,272 @@
+"""Config loading shared by both stages: dataclasses built from YAML plus `--key value` overrides.
+
+A run config is a dataclass whose fields are plain values or nested dataclass sections
+(`data`, `model`, `training`, ...). `load_config` reads `--config file.yaml`, applies command-line
+overrides (`--training.learning_rate 3e-4`, or `--learning_rate 3e-4` when the name is unique),
+and builds the dataclass tree, failing before any work starts with a message that names the key,
+the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which key and how to fix it."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotations of the init fields of dataclass `cls` (Any where one cannot be resolved)."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except NameError:  # a base class annotates with names its module imports lazily (transformers configs)
+        hints = {}
+        for klass in reversed(cls.__mro__):
+            namespace = vars(sys.modules[klass.__module__])
+            for name, annotation in vars(klass).get("__annotations__", {}).items():
+                try:
+                    hints[name] = typing._eval_type(typing.ForwardRef(annotation), namespace, None) if isinstance(
+                        annotation, str) else annotation
+                except Exception:
+                    hints[name] = Any
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _CommandLineValue(str):
+    """An override's raw text: read as a string where the field takes one, else parsed as YAML."""
+
+
+def _accepts_string(tp: Any, value: str) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return any(_accepts_string(option, value) for option in typing.get_args(tp))
+    return tp is str
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where lossless (int -> float)."""
+    if isinstance(value, _CommandLineValue):
+        if _accepts_string(tp, value) and value.lower() not in ("null", "none", "~"):
+            return str(value)
+        value = yaml.safe_load(value)
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            (item_type, *_) = typing.get_args(tp) or (Any,)
+            return type(value)(_coerce(v, item_type, key) for v in value) if origin is tuple else [
+                _coerce(v, item_type, key) for v in value
+            ]
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return build_dataclass(tp, value, prefix=f"{key}.")
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected {_describe(tp)}")
+
+
+def build_dataclass(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a (possibly nested) dict, rejecting unknown keys and bad types."""
+    types_by_name = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types_by_name:
+            close = difflib.get_close_matches(key, list(types_by_name), n=3)
+            hint = f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}' for {cls.__name__}.{hint} "
+                f"Allowed keys: {', '.join(sorted(types_by_name))}."
+            )
+        kwargs[key] = _coerce(value, types_by_name[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except Exception as error:  # validation in __post_init__ (ours or transformers' strict configs)
+        raise ConfigError(f"invalid {prefix.rstrip('.') or cls.__name__} config: {error}") from error
+
+
+def _leaf_paths(cls: type, prefix: str = "") -> dict[str, list[str]]:
+    """Map every leaf key name to the dotted paths where it occurs in the dataclass tree."""
+    paths: dict[str, list[str]] = {}
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            for leaf, found in _leaf_paths(tp, f"{prefix}{name}.").items():
+                paths.setdefault(leaf, []).extend(found)
+        else:
+            paths.setdefault(name, []).append(prefix + name)
+    return paths
+
+
+def parse_overrides(args: list[str]) -> dict[str, str | None]:
+    """Parse `--key value`, `--key=value` and bare `--flag` (meaning true) into a dict."""
+    overrides: dict[str, str | None] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --key value or --key=value")
+        key = arg[2:].replace("-", "_")
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value = args[i + 1]
+            i += 2
+        else:
+            value = None
+            i += 1
+        overrides[key] = value
+    return overrides
+
+
+def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = tree.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{part}' is not a section, so '{path}' cannot be set")
+        tree = node
+    tree[leaf] = value
+
+
+def load_config(cls: type[T], args: list[str] | None = None) -> T:
+    """Load `cls` from `--config FILE.yaml` (optional) and `--key value` overrides in `args`."""
+    overrides = parse_overrides(list(args or []))
+    tree: dict[str, Any] = {}
+    config_path = overrides.pop("config", None)
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {config_path!r} does not exist; pass --config configs/<stage>/<name>.yaml")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_path!r} must hold a mapping of keys to values")
+        tree = loaded
+    leaves = _leaf_paths(cls)
+    for key, raw in overrides.items():
+        value = True if raw is None else _CommandLineValue(raw)
+        if "." not in key:
+            found = leaves.get(key, [])
+            if len(found) > 1:
+                raise ConfigError(f"override --{key} is ambiguous: use one of {', '.join('--' + p for p in found)}")
+            if found:
+                key = found[0]
+        _set_path(tree, key, value)
+    return build_dataclass(cls, tree)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain nested dict of a config tree (for YAML dumps and tracker hyperparameters)."""
+    result = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if hasattr(value, "to_diff_dict"):  # a transformers config: keep only what differs from defaults
+            value = value.to_diff_dict()
+            value.pop("transformers_version", None)
+        elif dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        result[field.name] = value
+    return result
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """Loop settings shared by both stages (optimiser, schedule, precision, checkpoints, logging)."""
+
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    max_steps: int = 1000
+    batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = 2
+    resume_from_checkpoint: str | None = None
+    log_every: int = 20
+    eval_every: int = 250
+    image_every: int = 250
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    num_workers: int = 0
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps",
+                    "log_every", "eval_every", "image_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"training.{name} must be > 0, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"training.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"training.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("warmup_steps", "num_workers", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"training.{name} must be >= 0, got {getattr(self, name)}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError(
+                f"training.checkpoints_total_limit must be >= 1 or null (keep all), got {self.checkpoints_total_limit}"
+            )
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("training.push_to_hub needs training.hub_model_id (e.g. 'user/dallekit-digits-dvae')")
