@@ -33,14 +33,14 @@ class DVAEConfig(PreTrainedConfig):
     logit_laplace_eps: float = 0.1
     # Gumbel-softmax dVAE
     straight_through: bool = False
-    kl_weight: float = 0.01
+    kl_weight: float = 0.05
     # VQ-VAE
     codebook_dim: int | None = None
     use_l2_norm: bool = False
     commitment_cost: float = 0.25
     ema_decay: float = 0.99
     ema_epsilon: float = 1e-5
-    dead_code_threshold: float = 0.1
+    dead_code_threshold: float = 1.0
     kmeans_init: bool = True
     kmeans_iters: int = 10
 

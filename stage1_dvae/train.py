@@ -112,6 +112,14 @@ def _validation_batches(loader: DataLoader):
         yield batch["pixel_values"]
 
 
+def _any_rank_empty(accelerator: Accelerator, batch_size: int) -> bool:
+    """True when this process's batch (or, with several processes, any process's) has no images."""
+    if accelerator.num_processes == 1:
+        return batch_size == 0
+    empty = torch.tensor(int(batch_size == 0), device=accelerator.device)
+    return bool(accelerator.reduce(empty, "max"))
+
+
 def _write_reconstructions(model: DVAEModel, pixel_values: torch.Tensor, path: Path) -> None:
     """PNG grid: the originals on the top row, their reconstructions (encode -> decode) below."""
     was_training = model.training
@@ -183,6 +191,9 @@ def train(config: Stage1Config) -> dict[str, float]:
         batch = next(batches)
         pixel_values = batch["pixel_values"]
         pending_skipped += batch["num_skipped"]
+        if _any_rank_empty(accelerator, pixel_values.shape[0]):
+            logger.warning("skipping a batch in which every image was unreadable")
+            continue
         temperature, kl_weight = _temperature_and_kl_weight(config, state.step)
         use_adversarial = adversarial is not None and state.step >= config.adversarial.start_step
         with accelerator.accumulate(model):
@@ -243,6 +254,8 @@ def train(config: Stage1Config) -> dict[str, float]:
             accelerator.log(logs, step=state.step)
             progress.set_postfix(loss=f"{terms['loss']:.4f}", psnr=f"{logs['train/psnr']:.1f}",
                                  img_s=f"{logs['train/images_per_second']:.0f}")
+            if progress.disable:
+                logger.info("step %d: %s", state.step, _format({k.removeprefix("train/"): v for k, v in logs.items()}))
             window_start, window_images = time.perf_counter(), 0
         if state.step % run.eval_every == 0 or state.step == run.max_steps:
             if accelerator.is_main_process:

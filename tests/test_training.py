@@ -203,3 +203,57 @@ def test_two_process_cpu_run_writes_once(tmp_path: Path) -> None:
     assert len(list((tmp_path / "logs").glob("*/events.out.tfevents.*"))) == 1
     assert len(list(tmp_path.rglob("model.safetensors"))) == 3  # two checkpoints + the export
     assert result.stderr.count("final validation") == 1
+
+
+# ---- robustness and the adversarial loss ----------------------------------------------------------
+
+
+def test_training_skips_and_counts_corrupt_images(tmp_path: Path) -> None:
+    """A folder with an unreadable file trains to the end and reports how often it was skipped."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 32), ("validation", 8)):
+        folder = tmp_path / "data" / split
+        folder.mkdir(parents=True)
+        rows = []
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+            rows.append(f'{{"file_name": "{i}.png", "text": "noise {i}"}}')
+        if split == "train":
+            (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+            rows.append('{"file_name": "broken.png", "text": "broken"}')
+        (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    # 33 training files in batches of 11: every epoch sees the broken one; 8 steps are 2 2/3 epochs.
+    config = tiny_config(tmp_path / "run", "--data.source", str(tmp_path / "data"), "--batch_size", "11")
+    metrics = train(config)
+    assert metrics["step"] == 8
+    assert metrics["skipped_images"] >= 2
+
+
+def test_adversarial_loss_terms_by_hand() -> None:
+    from stage1_dvae.adversarial import AdversarialLoss
+
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
+    hinge = AdversarialLoss("hinge")
+    assert hinge.discriminator_loss(real, fake).item() == pytest.approx(0.5 * ((0 + 0.5) / 2 + (0 + 1.5) / 2))
+    assert hinge.generator_loss(fake).item() == pytest.approx(0.75)
+    non_saturating = AdversarialLoss("non_saturating")
+    assert non_saturating.generator_loss(torch.zeros(3)).item() == pytest.approx(np.log(2))
+
+    weight = torch.ones(3, requires_grad=True)
+    reconstruction_loss = (3 * weight).sum()  # gradient norm 3 * sqrt(3)
+    generator_loss = (weight * 0.5).sum()  # gradient norm 0.5 * sqrt(3)
+    adaptive = AdversarialLoss("hinge", weight=0.5).adaptive_weight(reconstruction_loss, generator_loss, weight)
+    assert adaptive.item() == pytest.approx(0.5 * 3 / 0.5, rel=1e-3)
+
+
+def test_adversarial_training_runs_and_checkpoints_the_discriminator(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, "--adversarial.enabled", "true", "--adversarial.start_step", "2",
+                         "--max_steps", "4", "--checkpointing_steps", "4", "--report_to", "tensorboard")
+    metrics = train(config)
+    assert np.isfinite(metrics["psnr"])
+    step_dir = tmp_path / "checkpoints" / "step_4"
+    assert (step_dir / "model.safetensors").is_file() and (step_dir / "model_1.safetensors").is_file()
+    discriminator = load_file(step_dir / "model_1.safetensors")
+    assert any(key.startswith("layers.") for key in discriminator)

@@ -50,7 +50,7 @@ class VectorQuantizer(nn.Module):
         commitment_cost: float = 0.25,
         ema_decay: float = 0.99,
         ema_epsilon: float = 1e-5,
-        dead_code_threshold: float = 0.1,
+        dead_code_threshold: float = 1.0,
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
     ) -> None:

@@ -1,0 +1,130 @@
+"""Caption tokenizer of stage 2: a byte-level BPE trained on the training captions.
+
+Each caption becomes exactly `text_len` ids, `[caption tokens, <eos>, <pad>, ...]`; the prior
+prepends `<bos>` itself. Captions are case-insensitive (NFKC, lower-cased, outer whitespace
+stripped) and any text encodes, unseen words included, because the alphabet is all 256 bytes.
+Special tokens are `<pad>` = 0, `<bos>` = 1, `<eos>` = 2, and literal "<eos>" typed in a caption
+is plain text, never the special token. The tokenizer is a `transformers.PreTrainedTokenizerFast`:
+`save_pretrained` / `AutoTokenizer.from_pretrained` round-trip it.
+"""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<bos>", "<eos>"
+SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)  # ids 0, 1, 2 in this order
+EMPTY_CAPTION = ""
+"""The unconditional caption of classifier-free guidance: it encodes to `[<eos>, <pad>, ...]`."""
+
+_NUM_BYTES = len(pre_tokenizers.ByteLevel.alphabet())  # 256
+
+
+def _check_text_len(text_len: int) -> None:
+    if text_len < 2:
+        raise ValueError(f"text_len must be >= 2 (caption tokens plus <eos>), got {text_len}")
+
+
+def train_text_tokenizer(
+    captions: Iterable[str], vocab_size: int = 1024, text_len: int = 32, min_frequency: int = 1
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of at most `vocab_size` tokens trained on `captions`, encoding to `text_len` ids."""
+    min_vocab_size = _NUM_BYTES + len(SPECIAL_TOKENS) + 1
+    if vocab_size < min_vocab_size:
+        raise ValueError(
+            f"vocab_size must be >= {min_vocab_size} ({_NUM_BYTES} bytes, {len(SPECIAL_TOKENS)} special "
+            f"tokens and at least one merge), got {vocab_size}"
+        )
+    _check_text_len(text_len)
+    if min_frequency < 1:
+        raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
+    captions = list(captions)
+    if not captions:
+        raise ValueError("captions is empty: pass the training split's captions, e.g. splits['train']['text']")
+    for index, caption in enumerate(captions):
+        if not isinstance(caption, str):
+            raise ValueError(
+                f"captions[{index}] is {caption!r}, not a string: drop or fill missing captions before training"
+            )
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(), normalizers.Strip()])
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    # ByteLevel decoding keeps the space the pre-tokenizer put in front: strip it again.
+    tokenizer.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", left=1, right=0)])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(captions, trainer=trainer, length=len(captions))
+    # Saved in tokenizer.json, so it survives save_pretrained/from_pretrained. transformers 5 neither
+    # serialises `add_eos_token` nor reports it here (False); setting `add_bos_token`/`add_eos_token`
+    # would rebuild this post-processor from those flags.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS_TOKEN}", special_tokens=[(EOS_TOKEN, tokenizer.token_to_id(EOS_TOKEN))]
+    )
+    logger.info(
+        "trained caption tokenizer on %d captions: %d of at most %d tokens",
+        len(captions), tokenizer.get_vocab_size(), vocab_size,
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=PAD_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        model_max_length=text_len,
+        padding_side="right",
+        truncation_side="right",
+        split_special_tokens=True,  # "<eos>" typed in a caption is text, not the special token
+    )
+
+
+def encode_captions(
+    tokenizer: PreTrainedTokenizerFast, captions: str | Sequence[str], text_len: int | None = None
+) -> torch.LongTensor:
+    """Ids of `captions` as `[B, text_len]`: tokens, `<eos>`, then `<pad>`s (default `model_max_length`).
+
+    Longer captions are cut to `text_len - 1` tokens plus `<eos>`, with one `UserWarning` per call
+    naming each cut caption and how many tokens it lost. `EMPTY_CAPTION` gives `[<eos>, <pad>, ...]`.
+    """
+    text_len = tokenizer.model_max_length if text_len is None else text_len
+    _check_text_len(text_len)
+    batch = [captions] if isinstance(captions, str) else list(captions)
+    if not batch:
+        raise ValueError("captions is empty: pass at least one caption (EMPTY_CAPTION for the unconditional input)")
+    # Untruncated lengths, with <eos>; verbose=False because the warning below replaces transformers' own.
+    lengths = tokenizer(batch, return_length=True, return_attention_mask=False, verbose=False)["length"]
+    cut = [
+        f'caption {index} ("{textwrap.shorten(caption, width=40, placeholder=" ...")}") is {length} tokens, '
+        f"{length - text_len} dropped"
+        for index, (caption, length) in enumerate(zip(batch, lengths))
+        if length > text_len
+    ]
+    if cut:
+        warnings.warn(f"{'; '.join(cut)}: text_len is {text_len}", UserWarning, stacklevel=2)
+    encoded = tokenizer(
+        batch,
+        padding="max_length",
+        truncation=True,
+        max_length=text_len,
+        return_tensors="pt",
+        return_attention_mask=False,
+    )
+    return encoded["input_ids"]
+
+
+def decode_captions(tokenizer: PreTrainedTokenizerFast, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
+    """Lower-cased caption text of `ids` `[B, L]`, special tokens left out (for logs and sample grids)."""
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
