@@ -38,6 +38,7 @@ from training.config import ConfigError, TrainingConfig, load_config, to_dict
 from training.data import iterate_batches
 from training.images import save_image_grid
 from training.optim import create_lr_scheduler, create_optimizer
+from training.reporting import flat_hparams, format_metrics
 from training.schedules import cosine_anneal, linear_warmup
 
 logger = get_logger(__name__)
@@ -175,7 +176,7 @@ def train(config: Stage1Config) -> dict[str, float]:
     if resume_path is not None:
         checkpoints.load(resume_path)
     if run.report_to != "none":
-        accelerator.init_trackers("stage1_dvae", config=_flat_hparams(config))
+        accelerator.init_trackers("stage1_dvae", config=flat_hparams(config))
 
     unwrapped: DVAEModel = accelerator.unwrap_model(model)
     world_batch = run.batch_size * accelerator.num_processes * run.gradient_accumulation_steps
@@ -255,13 +256,13 @@ def train(config: Stage1Config) -> dict[str, float]:
             progress.set_postfix(loss=f"{terms['loss']:.4f}", psnr=f"{logs['train/psnr']:.1f}",
                                  img_s=f"{logs['train/images_per_second']:.0f}")
             if progress.disable:
-                logger.info("step %d: %s", state.step, _format({k.removeprefix("train/"): v for k, v in logs.items()}))
+                logger.info("step %d: %s", state.step, format_metrics({k.removeprefix("train/"): v for k, v in logs.items()}))
             window_start, window_images = time.perf_counter(), 0
         if state.step % run.eval_every == 0 or state.step == run.max_steps:
             if accelerator.is_main_process:
                 metrics = evaluate_tokenizer(unwrapped, _validation_batches(validation_loader))
                 accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=state.step)
-                logger.info("step %d validation: %s", state.step, _format(metrics))
+                logger.info("step %d validation: %s", state.step, format_metrics(metrics))
             accelerator.wait_for_everyone()
         if state.step % run.image_every == 0 or state.step == run.max_steps:
             if accelerator.is_main_process:
@@ -287,7 +288,7 @@ def train(config: Stage1Config) -> dict[str, float]:
         model_dir = output_dir / "model"
         unwrapped.save_pretrained(model_dir)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        logger.info("final validation: %s; tokenizer saved to %s", _format(metrics), model_dir)
+        logger.info("final validation: %s; tokenizer saved to %s", format_metrics(metrics), model_dir)
         if state.num_skipped:
             logger.warning("skipped %d unreadable image(s) during training", state.num_skipped)
         if run.push_to_hub:
@@ -297,19 +298,8 @@ def train(config: Stage1Config) -> dict[str, float]:
     return metrics
 
 
-def _flat_hparams(config: Stage1Config) -> dict[str, float | int | str | bool]:
-    """Scalar hyperparameters for the tracker (TensorBoard's hparams accept scalars only)."""
-    flat = {}
-    for section, values in to_dict(config).items():
-        items = values.items() if isinstance(values, dict) else [("", values)]
-        for key, value in items:
-            if isinstance(value, (int, float, str, bool)):
-                flat[f"{section}.{key}".rstrip(".")] = value
-    return flat
 
 
-def _format(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
 def main(argv: list[str] | None = None) -> None:

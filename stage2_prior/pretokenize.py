@@ -1,0 +1,84 @@
+"""Encode a captioned-image dataset once with the frozen stage-1 tokenizer into a column of codes.
+
+The prior trains on integers only. Each split is mapped in batches through `DVAEModel.encode`
+and written to an Arrow cache file named by a fingerprint of the stage-1 weights, its config,
+the image size and the source split: the next run with the same inputs loads the file instead of
+encoding again, and a new stage-1 checkpoint or image size gives a new file. Unreadable images are
+dropped (and counted in the log) like in stage 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import datasets
+import torch
+from datasets.fingerprint import Hasher
+
+from stage1_dvae import DVAEModel
+from textimage_data import ImageTransform, decode_image
+
+logger = logging.getLogger(__name__)
+
+
+def tokenizer_fingerprint(model: DVAEModel) -> str:
+    """A digest of the stage-1 weights and config: changes whenever the checkpoint changes."""
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def pretokenize(
+    splits: datasets.DatasetDict,
+    model: DVAEModel,
+    cache_dir: str | Path,
+    batch_size: int = 256,
+) -> datasets.DatasetDict:
+    """Each split with `image` replaced by `codes` (h*w ints, raster order); cached under `cache_dir`."""
+    image_size = model.config.image_size
+    transform = ImageTransform(image_size)
+    model_digest = tokenizer_fingerprint(model)
+    device = next(model.parameters()).device
+    model.eval()
+
+    @torch.no_grad()
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        pixels, kept = [], []
+        for index, value in enumerate(batch["image"]):
+            image = decode_image(value)
+            if image is not None:
+                pixels.append(transform(image))
+                kept.append(index)
+        result = {key: [values[i] for i in kept] for key, values in batch.items() if key != "image"}
+        codes = model.encode(torch.stack(pixels).to(device)).flatten(1) if pixels else torch.empty(0, 0)
+        result["codes"] = codes.cpu().tolist()
+        return result
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    encoded = {}
+    for name, split in splits.items():
+        fingerprint = Hasher.hash([split._fingerprint, model_digest, image_size])
+        cache_file = cache_dir / f"{name}-{fingerprint}.arrow"
+        reused = cache_file.is_file()
+        encoded[name] = split.map(
+            encode,
+            batched=True,
+            batch_size=batch_size,
+            remove_columns=split.column_names,
+            cache_file_name=str(cache_file),
+            new_fingerprint=fingerprint,
+            load_from_cache_file=True,
+            desc=f"encoding {name} images with the stage-1 tokenizer",
+        )
+        dropped = len(split) - len(encoded[name])
+        logger.info(
+            "%s split: %d image code sequences %s%s", name, len(encoded[name]),
+            f"loaded from {cache_file}" if reused else f"encoded into {cache_file}",
+            f" ({dropped} unreadable images skipped)" if dropped else "",
+        )
+    return datasets.DatasetDict(encoded)
