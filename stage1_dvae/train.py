@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +32,7 @@ from stage1_dvae.modeling_dvae import DVAEModel
 from textimage_data import DataConfig, TextImageCollator, load_text_image_dataset
 from training.accelerator import create_accelerator
 from training.checkpointing import CheckpointManager, TrainState, resolve_checkpoint
-from training.config import ConfigError, TrainingConfig, load_config, to_dict
+from training.config import TrainingConfig, run_from_command_line, to_dict
 from training.data import iterate_batches
 from training.images import save_image_grid
 from training.optim import create_lr_scheduler, create_optimizer
@@ -96,6 +94,11 @@ class Stage1Config:
             raise ValueError(
                 f"model.image_size ({self.model.image_size}) differs from data.image_size "
                 f"({self.data.image_size}); set both to the same value"
+            )
+        if self.adversarial.enabled and self.training.gradient_accumulation_steps != 1:
+            raise ValueError(
+                "adversarial.enabled needs training.gradient_accumulation_steps = 1 (the discriminator "
+                "steps on every batch); raise training.batch_size instead"
             )
         if self.num_grid_images < 1:
             raise ValueError(f"num_grid_images must be >= 1, got {self.num_grid_images}")
@@ -212,13 +215,13 @@ def train(config: Stage1Config) -> dict[str, float]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if use_adversarial:
-            with accelerator.accumulate(discriminator):
-                disc_loss = adversarial.discriminator_loss(
-                    discriminator(pixel_values), discriminator(output.reconstruction.detach())
-                )
-                accelerator.backward(disc_loss)
-                disc_optimizer.step()
-                disc_optimizer.zero_grad(set_to_none=True)
+            disc_optimizer.zero_grad(set_to_none=True)  # drop what the generator loss left in its gradients
+            disc_loss = adversarial.discriminator_loss(
+                discriminator(pixel_values), discriminator(output.reconstruction.detach())
+            )
+            accelerator.backward(disc_loss)
+            disc_optimizer.step()
+            disc_optimizer.zero_grad(set_to_none=True)
         window_images += pixel_values.shape[0] * accelerator.num_processes
         if not accelerator.sync_gradients:
             continue
@@ -298,17 +301,8 @@ def train(config: Stage1Config) -> dict[str, float]:
     return metrics
 
 
-
-
-
-
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        config = load_config(Stage1Config, sys.argv[1:] if argv is None else argv)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
-    train(config)
+    run_from_command_line(Stage1Config, train, argv)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ validation prompt, decoded by the stage-1 model) and the exports `output_dir/pri
 from __future__ import annotations
 
 import json
-import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +31,7 @@ from stage2_prior.text_tokenizer import encode_captions, train_text_tokenizer
 from textimage_data import DataConfig, load_text_image_dataset
 from training.accelerator import create_accelerator
 from training.checkpointing import CheckpointManager, TrainState, resolve_checkpoint
-from training.config import ConfigError, TrainingConfig, load_config, to_dict
+from training.config import ConfigError, TrainingConfig, run_from_command_line, to_dict
 from training.data import iterate_batches
 from training.images import save_image_grid
 from training.optim import create_lr_scheduler, create_optimizer
@@ -260,15 +258,8 @@ def train(config: Stage2Config) -> dict[str, float]:
     return metrics
 
 
-
-
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        config = load_config(Stage2Config, sys.argv[1:] if argv is None else argv)
-        train(config)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
+    run_from_command_line(Stage2Config, train, argv)
 
 
 if __name__ == "__main__":

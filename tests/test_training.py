@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -61,6 +60,7 @@ def test_yaml_and_command_line_overrides(tmp_path: Path) -> None:
         (["--data.image_size", "32"], r"model.image_size \(16\) differs from data.image_size \(32\)"),
         (["--model.downsample_factor", "3"], r"downsample_factor must be a power of two"),
         (["--data.source", ""], r"DataConfig.source=''"),
+        (["--adversarial.enabled", "--gradient_accumulation_steps", "2"], r"adversarial.enabled needs"),
     ],
 )
 def test_bad_config_fails_with_a_clear_message(tmp_path: Path, overrides: list[str], message: str) -> None:
@@ -257,3 +257,13 @@ def test_adversarial_training_runs_and_checkpoints_the_discriminator(tmp_path: P
     assert (step_dir / "model.safetensors").is_file() and (step_dir / "model_1.safetensors").is_file()
     discriminator = load_file(step_dir / "model_1.safetensors")
     assert any(key.startswith("layers.") for key in discriminator)
+
+
+def test_help_lists_every_key_with_its_default(capsys) -> None:
+    from training.config import run_from_command_line
+
+    run_from_command_line(Stage1Config, train, ["--help"])
+    usage = capsys.readouterr().out
+    assert "--training.learning_rate  (float, default 0.001)" in usage
+    assert "--model.quantizer  (one of 'gumbel', 'vq', default 'gumbel')" in usage
+    assert "return_dict" not in usage  # transformers' own config fields are not ours to set

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import sys
 import types
 import typing
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
@@ -41,6 +43,16 @@ def _field_types(cls: type) -> dict[str, Any]:
                 except Exception:
                     hints[name] = Any
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def _user_fields(cls: type) -> dict[str, Any]:
+    """The fields a config file sets: all of a plain dataclass, a transformers config's own fields only."""
+    own: set[str] = set()
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("transformers"):
+            break
+        own |= set(vars(klass).get("__annotations__", {}))
+    return {name: tp for name, tp in _field_types(cls).items() if name in own}
 
 
 def _describe(tp: Any) -> str:
@@ -140,7 +152,7 @@ def build_dataclass(cls: type[T], values: dict[str, Any], prefix: str = "") -> T
 def _leaf_paths(cls: type, prefix: str = "") -> dict[str, list[str]]:
     """Map every leaf key name to the dotted paths where it occurs in the dataclass tree."""
     paths: dict[str, list[str]] = {}
-    for name, tp in _field_types(cls).items():
+    for name, tp in _user_fields(cls).items():
         if dataclasses.is_dataclass(tp):
             for leaf, found in _leaf_paths(tp, f"{prefix}{name}.").items():
                 paths.setdefault(leaf, []).extend(found)
@@ -270,3 +282,28 @@ class TrainingConfig:
             )
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("training.push_to_hub needs training.hub_model_id (e.g. 'user/dallekit-digits-dvae')")
+
+
+def describe(cls: type, prefix: str = "") -> str:
+    """Usage text: every `--key` of the config tree with its type and default."""
+    lines = [] if prefix else [f"usage: --config FILE.yaml [--key value ...]; keys of {cls.__name__}:"]
+    defaults = cls()
+    for name, tp in _user_fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            lines.append(describe(tp, f"{prefix}{name}."))
+        else:
+            lines.append(f"  --{prefix}{name}  ({_describe(tp)}, default {getattr(defaults, name, None)!r})")
+    return "\n".join(lines)
+
+
+def run_from_command_line(config_cls: type[T], train: Callable[[T], Any], argv: list[str] | None = None) -> None:
+    """Entry point of `python -m <stage>.train`: log setup, config from argv, one-line exit on config errors."""
+    args = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(args):
+        print(describe(config_cls))
+        return
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        train(load_config(config_cls, args))
+    except ConfigError as error:
+        sys.exit(f"error: {error}")

@@ -1,0 +1,128 @@
+"""Benchmark the stage-2 prior: training throughput against the machine's matmul peak, sampling speed.
+
+    python bench/stage2.py [--config configs/prior/digits.yaml] [--train_steps 30]
+
+Prints one JSON object per measurement:
+- `train`: tokens/s of the prior's training step and its achieved FLOP/s as a share of the
+  matmul FLOP/s measured in the same run (same dtype); target >= 60% on CPU.
+- `sampling`: images/s with and without the KV cache and with guidance, for the config's grid
+  (digits: 64 image tokens) and for a 16x16 grid (256 image tokens); targets: cache >= 5x faster
+  than no cache at 256 tokens, guidance <= 2.2x the unguided time.
+- peak RSS after each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from stage2_prior import PriorConfig, PriorModel  # noqa: E402
+from stage2_prior.train import Stage2Config  # noqa: E402
+from training.accelerator import resolve_mixed_precision  # noqa: E402
+from training.config import load_config  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def matmul_flops(dtype: torch.dtype, size: int = 1024, seconds: float = 2.0) -> float:
+    """Measured FLOP/s of square matmuls in `dtype` on this machine."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.matmul(a, b)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.matmul(a, b)
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - start)
+
+
+def training_flops_per_token(config: PriorConfig, num_parameters: int) -> float:
+    """6 N per token for the weights plus 12 L d T for attention (PaLM's estimate, forward + backward)."""
+    return 6 * num_parameters + 12 * config.num_hidden_layers * config.hidden_size * config.max_seq_len
+
+
+def bench_training(config: PriorConfig, batch_size: int, steps: int, precision: str) -> dict:
+    model = PriorModel(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    input_ids = model.build_input_ids(
+        torch.randint(3, config.text_vocab_size, (batch_size, config.text_len)),
+        torch.randint(0, config.image_vocab_size, (batch_size, config.image_grid_size, config.image_grid_size)),
+    )
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    for step in range(steps + 3):
+        if step == 3:
+            start = time.perf_counter()
+        with autocast:
+            loss = model(input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    seconds = time.perf_counter() - start
+    tokens_per_second = steps * input_ids.numel() / seconds
+    non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    achieved = tokens_per_second * training_flops_per_token(config, non_embedding)
+    peak = matmul_flops(torch.bfloat16 if precision == "bf16" else torch.float32)
+    return {
+        "benchmark": "stage2", "measurement": "train", "precision": precision, "batch_size": batch_size,
+        "sequence_length": input_ids.shape[1], "parameters": sum(p.numel() for p in model.parameters()),
+        "tokens_per_second": round(tokens_per_second), "achieved_gflops": round(achieved / 1e9, 1),
+        "matmul_peak_gflops": round(peak / 1e9, 1), "share_of_matmul_peak": round(achieved / peak, 3),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def time_sampling(model: PriorModel, batch_size: int, **kwargs) -> float:
+    text = torch.randint(3, model.config.text_vocab_size, (batch_size, model.config.text_len))
+    start = time.perf_counter()
+    model.generate(text, generator=torch.Generator().manual_seed(0), **kwargs)
+    return time.perf_counter() - start
+
+
+def bench_sampling(config: PriorConfig, batch_size: int) -> dict:
+    model = PriorModel(config).eval()
+    time_sampling(model, 2)  # warm-up
+    cached = time_sampling(model, batch_size, use_cache=True)
+    uncached = time_sampling(model, batch_size, use_cache=False)
+    guided = time_sampling(model, batch_size, use_cache=True, guidance_scale=3.0)
+    return {
+        "benchmark": "stage2", "measurement": "sampling", "image_tokens": config.image_seq_len,
+        "batch_size": batch_size, "images_per_second_cache": round(batch_size / cached, 2),
+        "images_per_second_no_cache": round(batch_size / uncached, 2),
+        "images_per_second_guided": round(batch_size / guided, 2),
+        "tokens_per_second_cache": round(batch_size * config.image_seq_len / cached),
+        "cache_speedup": round(uncached / cached, 2), "guidance_cost": round(guided / cached, 2),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "configs" / "prior" / "digits.yaml"))
+    parser.add_argument("--train_steps", type=int, default=30)
+    parser.add_argument("--sample_batch", type=int, default=16)
+    args = parser.parse_args()
+    run = load_config(Stage2Config, ["--config", args.config])
+    config = run.model
+    config.text_vocab_size = 331  # what the BPE reaches on the digits captions
+    config.image_vocab_size, config.image_grid_size = 128, 8
+    precision = resolve_mixed_precision(run.training.mixed_precision)
+    for result in (
+        bench_sampling(config, args.sample_batch),
+        bench_sampling(PriorConfig(**{**config.to_diff_dict(), "image_grid_size": 16}), args.sample_batch),
+        bench_training(config, run.training.batch_size, args.train_steps, precision),
+    ):
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
