@@ -181,7 +181,7 @@ def train(config: Stage1Config) -> dict[str, float]:
     if run.report_to != "none":
         accelerator.init_trackers("stage1_dvae", config=flat_hparams(config))
 
-    unwrapped: DVAEModel = accelerator.unwrap_model(model)
+    unwrapped: DVAEModel = accelerator.unwrap_model(model, keep_torch_compile=False)  # eval, grids, export
     world_batch = run.batch_size * accelerator.num_processes * run.gradient_accumulation_steps
     progress = tqdm(
         total=run.max_steps, initial=state.step, desc="stage 1", unit="step",

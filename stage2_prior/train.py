@@ -184,7 +184,7 @@ def train(config: Stage2Config) -> dict[str, float]:
     if run.report_to != "none":
         accelerator.init_trackers("stage2_prior", config=flat_hparams(config))
 
-    unwrapped: PriorModel = accelerator.unwrap_model(model)
+    unwrapped: PriorModel = accelerator.unwrap_model(model, keep_torch_compile=False)  # eval, sampling, export
     grid = config.model.image_grid_size
     tokens_per_step = run.batch_size * accelerator.num_processes * run.gradient_accumulation_steps * (
         config.model.max_seq_len - 1)

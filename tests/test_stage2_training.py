@@ -103,3 +103,14 @@ def test_stage2_two_process_cpu_run(tmp_path: Path, stage1_dir: Path) -> None:
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_2", "step_4"]
     assert len(list((tmp_path / "logs").glob("*/events.out.tfevents.*"))) == 1
     assert result.stderr.count("final validation") == 1
+
+
+def test_compiled_training_matches_eager(tmp_path: Path, stage1_dir: Path) -> None:
+    """`training.compile` (torch.compile, inductor) trains the same model, and exports plain weights."""
+    common = ["--max_steps", "4", "--checkpointing_steps", "4"]
+    eager = train(tiny_config(tmp_path / "eager", stage1_dir, *common))
+    compiled = train(tiny_config(tmp_path / "compiled", stage1_dir, *common, "--compile", "true"))
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-3)
+    weights = load_file(tmp_path / "compiled" / "prior" / "model.safetensors")
+    assert weights.keys() == load_file(tmp_path / "eager" / "prior" / "model.safetensors").keys()
+    assert not any("_orig_mod" in key for key in weights)

@@ -39,6 +39,7 @@ def create_accelerator(config: TrainingConfig, project_name: str) -> Accelerator
         # Without an accelerator, say so: several processes then form a gloo group (MULTI_CPU).
         cpu=not torch.accelerator.is_available(),
         mixed_precision=resolve_mixed_precision(config.mixed_precision),
+        dynamo_backend="inductor" if config.compile else "no",
         # Accumulation windows follow the step count, not epoch ends, so a resumed run syncs on the same batches.
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False

@@ -251,6 +251,7 @@ class TrainingConfig:
     min_lr_ratio: float = 0.1
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    compile: bool = False  # torch.compile (inductor) the training model: ~30% faster prior steps on CPU, ~45 s to compile
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None

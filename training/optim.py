@@ -19,7 +19,12 @@ def create_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.Ad
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2))
+    # The fused kernel (CPU and CUDA, float parameters) is a few percent faster per step than foreach.
+    device = next(model.parameters()).device.type
+    fused = device in ("cpu", "cuda") and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in decay + no_decay)
+    return torch.optim.AdamW(
+        groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), fused=fused or None
+    )
 
 
 def create_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig) -> torch.optim.lr_scheduler.LambdaLR:
