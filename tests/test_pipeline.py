@@ -1,0 +1,105 @@
+"""TextToImagePipeline: save/load (directory and offline Hub cache), batched calls, output types."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines import TextToImagePipeline
+from stage1_dvae import DVAEModel
+from stage2_prior import PriorConfig, PriorModel
+from stage2_prior.text_tokenizer import train_text_tokenizer
+from tests.conftest import tiny_dvae_config
+from textimage_data import DataConfig, load_text_image_dataset
+
+
+@pytest.fixture(scope="module")
+def pipe() -> TextToImagePipeline:
+    """Tiny real components: a stage-1 tokenizer, a caption BPE and a prior sized to both."""
+    torch.manual_seed(0)
+    captions = load_text_image_dataset(DataConfig(source="digits", image_size=16))["train"]["text"]
+    tokenizer = train_text_tokenizer(captions, vocab_size=300, text_len=8)
+    vqvae = DVAEModel(tiny_dvae_config("gumbel"))
+    prior = PriorModel(PriorConfig(
+        text_vocab_size=len(tokenizer), text_len=8, image_vocab_size=64, image_grid_size=8, hidden_size=32,
+        intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    ))
+    return TextToImagePipeline(vqvae=vqvae, prior=prior, tokenizer=tokenizer)
+
+
+def generate(pipe: TextToImagePipeline, seed: int = 0) -> np.ndarray:
+    return pipe(["a handwritten digit seven", "the number 3"], num_images_per_prompt=2, top_k=16,
+                generator=torch.Generator().manual_seed(seed), output_type="np").images
+
+
+def test_save_load_round_trip_gives_identical_images(pipe: TextToImagePipeline, tmp_path: Path) -> None:
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "TextToImagePipeline" and "_dallekit_version" in index
+    assert {"vqvae", "prior", "tokenizer"} <= index.keys()
+    assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pkl"))
+    loaded = TextToImagePipeline.from_pretrained(tmp_path)
+    np.testing.assert_array_equal(generate(loaded), generate(pipe))
+
+
+def test_loading_from_an_offline_hub_cache_snapshot(pipe: TextToImagePipeline, tmp_path: Path) -> None:
+    """A repository snapshot placed in the Hub cache loads by its id with HF_HUB_OFFLINE=1 (set in conftest)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = tmp_path / "cache" / "models--someone--tiny-dallekit"
+    pipe.save_pretrained(repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    loaded = TextToImagePipeline.from_pretrained("someone/tiny-dallekit", cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(generate(loaded), generate(pipe))
+
+
+def test_counts_shapes_and_output_types(pipe: TextToImagePipeline) -> None:
+    images = generate(pipe)
+    assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
+    output = pipe("a zero", num_images_per_prompt=3, output_type="pt", generator=torch.Generator().manual_seed(1))
+    assert output.images.shape == (3, 3, 16, 16) and output.images.min() >= -1 and output.images.max() <= 1
+    assert output.codes.shape == (3, 8, 8)
+    pil = pipe("a zero", output_type="pil", generator=torch.Generator().manual_seed(1)).images
+    assert len(pil) == 1 and isinstance(pil[0], Image.Image) and pil[0].size == (16, 16)
+    images, codes = pipe("a zero", return_dict=False, output_type="np")
+    assert images.shape == (1, 16, 16, 3) and codes.shape == (1, 8, 8)
+    assert not np.array_equal(generate(pipe, seed=0), generate(pipe, seed=5))
+
+
+def test_priming_keeps_the_first_rows_of_the_init_image(pipe: TextToImagePipeline) -> None:
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    output = pipe("a seven", num_images_per_prompt=2, init_image=init, init_rows=3,
+                  generator=torch.Generator().manual_seed(0), output_type="pt")
+    expected = pipe.vqvae.encode(pipe._init_pixels(init))[0, :3]
+    assert torch.equal(output.codes[0, :3], expected) and torch.equal(output.codes[1, :3], expected)
+
+
+def test_incomplete_or_foreign_directories_fail_clearly(pipe: TextToImagePipeline, tmp_path: Path) -> None:
+    good = pipe.save_pretrained(tmp_path / "good")
+    no_prior = tmp_path / "no_prior"
+    shutil.copytree(good, no_prior)
+    shutil.rmtree(no_prior / "prior")
+    with pytest.raises(FileNotFoundError, match="lacks the component"):
+        TextToImagePipeline.from_pretrained(no_prior)
+    foreign = tmp_path / "foreign"
+    shutil.copytree(good, foreign)
+    (foreign / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ValueError, match="not a TextToImagePipeline"):
+        TextToImagePipeline.from_pretrained(foreign)
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        TextToImagePipeline.from_pretrained(good / "prior")
+
+
+def test_components_that_were_not_trained_together_are_rejected(pipe: TextToImagePipeline) -> None:
+    other_prior = PriorModel(PriorConfig(
+        text_vocab_size=len(pipe.tokenizer), text_len=8, image_vocab_size=128, image_grid_size=8, hidden_size=32,
+        intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    ))
+    with pytest.raises(ValueError, match="not trained together"):
+        TextToImagePipeline(vqvae=pipe.vqvae, prior=other_prior, tokenizer=pipe.tokenizer)
