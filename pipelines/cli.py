@@ -1,6 +1,9 @@
 """The `dallekit` command line.
 
-    dallekit demo [--dataset digits] [--output-dir DIR] [--quantizer gumbel|vq] [--max-steps N]
+    dallekit demo [--dataset digits] [--output-dir outputs/demo]
+    dallekit generate --model DIR_OR_HUB_ID --prompt "..." [--prompt ...] [--num-images 8]
+                      [--guidance-scale 3] [--top-k K] [--temperature T] [--seed 0] --out samples.png
+    dallekit evaluate --model DIR_OR_HUB_ID [--dataset digits] [--guidance-scales 1 3 5] [--max-prompts N]
     dallekit evaluate-tokenizer --model DIR_OR_HUB_ID [--dataset digits] [--subfolder vqvae]
 
 User errors (a missing model, an unknown dataset, a bad number) print one line and exit with 2.
@@ -14,11 +17,16 @@ import logging
 import sys
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
 
 class UserError(Exception):
     """A mistake in the command line: reported as one line, without a traceback."""
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (what is wrong, where to look) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -31,32 +39,94 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _demo(args: argparse.Namespace) -> None:
-    """Train the stage-1 tokenizer on a built-in dataset and report its validation metrics."""
-    from stage1_dvae.train import Stage1Config, train
-    from textimage_data import BUILTIN_DATASETS
-    from training.config import ConfigError, load_config
-
-    if args.dataset not in BUILTIN_DATASETS:
-        raise UserError(f"unknown dataset {args.dataset!r}; built-in datasets: {', '.join(sorted(BUILTIN_DATASETS))}")
-    name = "digits" if args.quantizer == "gumbel" else "digits_vq"
-    config_path = CONFIG_DIR / "dvae" / f"{name}.yaml"
-    if not config_path.is_file():
-        raise UserError(f"demo config {config_path} not found: run dallekit from a source checkout (pip install -e .)")
-    overrides = ["--config", str(config_path), "--data.source", args.dataset, "--output_dir", str(args.output_dir)]
-    if args.max_steps is not None:
-        overrides += ["--max_steps", str(args.max_steps)]
+def _positive_float(text: str) -> float:
     try:
-        config = load_config(Stage1Config, overrides)
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _check_model_location(model: str) -> None:
+    """A path that looks local but is not there is reported as such, not as a failed Hub download."""
+    path = Path(model)  # a Hub id is "user/name", and its "user" is no local folder
+    looks_local = path.is_absolute() or model.startswith(".") or len(path.parts) != 2 or path.parent.is_dir()
+    if looks_local and not path.exists():
+        raise UserError(f"model directory {model} does not exist (give a saved pipeline directory or a Hub id)")
+
+
+def _load_pipeline(model: str):
+    from pipelines.text_to_image import TextToImagePipeline
+
+    _check_model_location(model)
+    try:
+        return TextToImagePipeline.from_pretrained(model, device="cuda" if _has_cuda() else None)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load a pipeline from {model!r}: {str(error).splitlines()[0]}") from None
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _check_builtin(dataset: str) -> None:
+    from textimage_data import BUILTIN_DATASETS
+
+    if dataset not in BUILTIN_DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; built-in datasets: {', '.join(sorted(BUILTIN_DATASETS))}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    """Train both stages on a built-in dataset, evaluate, write samples.png, metrics.json and the pipeline."""
+    from pipelines.demo import run_demo
+    from training.config import ConfigError
+
+    _check_builtin(args.dataset)
+    for path in (args.stage1_config, args.stage2_config):
+        if not Path(path).is_file():
+            raise UserError(f"config {path} not found: run dallekit from a source checkout (pip install -e .)")
+    try:
+        metrics = run_demo(args.dataset, args.output_dir, args.stage1_config, args.stage2_config,
+                           max_prompts=args.max_prompts)
     except ConfigError as error:
         raise UserError(str(error)) from None
-    metrics = train(config)
-    print(json.dumps(metrics, indent=2))
-    grids = sorted((Path(args.output_dir) / "images").glob("reconstructions_step_*.png"),
-                   key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    if grids:
-        print(f"reconstructions (originals above, reconstructions below): {grids[-1]}")
-    print(f"tokenizer: {Path(args.output_dir) / 'model'}")
+    print(json.dumps(metrics["evaluation"], indent=2))
+    output_dir = Path(args.output_dir)
+    print(f"samples (one row per prompt): {output_dir / 'samples.png'}")
+    print(f"metrics: {output_dir / 'metrics.json'}")
+    print(f"pipeline: {output_dir / 'pipeline'}  (dallekit generate --model {output_dir / 'pipeline'} --prompt ...)")
+    print(f"took {metrics['seconds']['total'] / 60:.1f} min")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    """Draw `--num-images` images for each `--prompt` into one grid (one row per prompt)."""
+    import torch
+
+    from training.images import save_image_grid
+
+    if args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise UserError(f"--out {args.out} must end in .png, .jpg or .webp")
+    pipe = _load_pipeline(args.model)
+    generator = torch.Generator(device=pipe.device).manual_seed(args.seed)
+    output = pipe(args.prompt, num_images_per_prompt=args.num_images, guidance_scale=args.guidance_scale,
+                  temperature=args.temperature, top_k=args.top_k, generator=generator, output_type="pt")
+    save_image_grid(output.images, args.out, num_rows=len(args.prompt), scale=args.scale, row_labels=args.prompt)
+    print(f"{len(output.images)} images: {args.out}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    """Prompt adherence, Fréchet distance and copy rates of a saved pipeline as JSON."""
+    from evaluation import evaluate_pipeline
+
+    _check_builtin(args.dataset)
+    pipe = _load_pipeline(args.model)
+    metrics = evaluate_pipeline(pipe, dataset=args.dataset, guidance_scales=tuple(args.guidance_scales),
+                                seed=args.seed, max_prompts=args.max_prompts)
+    print(json.dumps({"model": args.model, **metrics}, indent=2))
 
 
 def _evaluate_tokenizer(args: argparse.Namespace) -> None:
@@ -68,9 +138,9 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> None:
     from stage1_dvae import DVAEModel
     from textimage_data import DataConfig, TextImageCollator, load_text_image_dataset
 
+    _check_model_location(args.model)
     location = Path(args.model) / (args.subfolder or "")
-    looks_local = Path(args.model).exists() or Path(args.model).parent.is_dir()  # a Hub id's "user" is no folder
-    if looks_local and not location.is_dir():
+    if Path(args.model).exists() and not location.is_dir():
         raise UserError(f"model directory {location} does not exist")
     try:
         model = DVAEModel.from_pretrained(args.model, subfolder=args.subfolder or "")
@@ -88,22 +158,47 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dallekit", description="DALL·E-style text-to-image: train, evaluate.")
+    from pipelines.demo import DEMO_CONFIGS
+
+    parser = _OneLineErrorParser(prog="dallekit", description="DALL·E-style text-to-image: train, sample, evaluate.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="train the image tokenizer on built-in data and report its metrics")
-    demo.add_argument("--dataset", default="digits", help="built-in dataset (default: digits)")
+    demo = commands.add_parser("demo", help="train both stages on built-in data, evaluate, save a pipeline")
+    demo.add_argument("--dataset", default="digits", help="built-in dataset: digits or shapes (default: digits)")
     demo.add_argument("--output-dir", default="outputs/demo", type=Path)
-    demo.add_argument("--quantizer", choices=["gumbel", "vq"], default="gumbel")
-    demo.add_argument("--max-steps", type=_positive_int, default=None, help="override the config's step count")
+    demo.add_argument("--stage1-config", default=DEMO_CONFIGS[0], type=Path, help="stage-1 YAML config")
+    demo.add_argument("--stage2-config", default=DEMO_CONFIGS[1], type=Path, help="stage-2 YAML config")
+    demo.add_argument("--max-prompts", type=_positive_int, default=None,
+                      help="evaluate on this many validation captions (default: all)")
     demo.set_defaults(run=_demo)
 
-    evaluate = commands.add_parser("evaluate-tokenizer", help="reconstruction metrics of a saved tokenizer as JSON")
-    evaluate.add_argument("--model", required=True, help="directory or Hub id of a saved DVAEModel")
-    evaluate.add_argument("--subfolder", default=None, help="subfolder holding the tokenizer (e.g. vqvae)")
-    evaluate.add_argument("--dataset", default="digits", help="built-in name, image folder or Hub dataset id")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=128)
-    evaluate.set_defaults(run=_evaluate_tokenizer)
+    generate = commands.add_parser("generate", help="draw images for prompts into a PNG grid")
+    generate.add_argument("--model", required=True, help="directory or Hub id of a saved pipeline")
+    generate.add_argument("--prompt", required=True, action="append", help="a caption; repeat for several rows")
+    generate.add_argument("--num-images", type=_positive_int, default=8, help="images per prompt (default: 8)")
+    generate.add_argument("--guidance-scale", type=_positive_float, default=3.0)
+    generate.add_argument("--temperature", type=_positive_float, default=1.0)
+    generate.add_argument("--top-k", type=_positive_int, default=None)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--scale", type=_positive_int, default=2, help="enlarge each image this many times")
+    generate.add_argument("--out", required=True, type=Path, help="the grid image to write (PNG)")
+    generate.set_defaults(run=_generate)
+
+    evaluate = commands.add_parser("evaluate", help="prompt adherence, Fréchet distance, copy rates as JSON")
+    evaluate.add_argument("--model", required=True, help="directory or Hub id of a saved pipeline")
+    evaluate.add_argument("--dataset", default="digits", help="built-in dataset with classes: digits or shapes")
+    evaluate.add_argument("--guidance-scales", type=_positive_float, nargs="+", default=[1.0, 3.0, 5.0])
+    evaluate.add_argument("--max-prompts", type=_positive_int, default=None,
+                          help="evaluate on this many validation captions (default: all)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(run=_evaluate)
+
+    tokenizer = commands.add_parser("evaluate-tokenizer", help="reconstruction metrics of a saved tokenizer as JSON")
+    tokenizer.add_argument("--model", required=True, help="directory or Hub id of a saved DVAEModel")
+    tokenizer.add_argument("--subfolder", default=None, help="subfolder holding the tokenizer (e.g. vqvae)")
+    tokenizer.add_argument("--dataset", default="digits", help="built-in name, image folder or Hub dataset id")
+    tokenizer.add_argument("--batch-size", type=_positive_int, default=128)
+    tokenizer.set_defaults(run=_evaluate_tokenizer)
     return parser
 
 
@@ -113,4 +208,5 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.run(args)
     except UserError as error:
-        sys.exit(f"dallekit {args.command}: error: {error}")
+        print(f"dallekit {args.command}: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,14 +1,15 @@
 """`TextToImagePipeline`: prompt -> caption ids -> prior samples image codes -> stage-1 decoder -> images.
 
-A pipeline directory holds `model_index.json` (pipeline class, dallekit version, components) and
-one subfolder per component: `vqvae/` (stage 1), `prior/` (stage 2), `tokenizer/` (captions).
-Loading reads safetensors only; a Hub id goes through `huggingface_hub.snapshot_download`, so the
-Hub cache and `HF_HUB_OFFLINE=1` work as usual.
+A pipeline directory holds `model_index.json` (pipeline class, dallekit version, components),
+one subfolder per component: `vqvae/` (stage 1), `prior/` (stage 2), `tokenizer/` (captions), and
+the model card `README.md`. Loading reads safetensors only; a Hub id goes through
+`huggingface_hub.snapshot_download`, so the Hub cache and `HF_HUB_OFFLINE=1` work as usual.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -16,10 +17,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from huggingface_hub import snapshot_download
+from huggingface_hub import CommitInfo, HfApi, ModelCard, snapshot_download
 from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
+from pipelines.model_card import make_model_card, read_training_info
 from stage1_dvae import DVAEModel
 from stage2_prior import PriorModel
 from stage2_prior.text_tokenizer import encode_captions
@@ -50,9 +52,15 @@ class TextToImageOutput:
 
 
 class TextToImagePipeline:
-    """The two stages behind one call: `pipe("a handwritten digit seven", num_images_per_prompt=4).images`."""
+    """The two stages behind one call: `pipe("a handwritten digit seven", num_images_per_prompt=4).images`.
 
-    def __init__(self, vqvae: DVAEModel, prior: PriorModel, tokenizer: PreTrainedTokenizerFast) -> None:
+    `training_info` (dataset, evaluation metrics, an example prompt) goes into the model card.
+    """
+
+    def __init__(
+        self, vqvae: DVAEModel, prior: PriorModel, tokenizer: PreTrainedTokenizerFast,
+        training_info: dict | None = None,
+    ) -> None:
         if prior.config.image_vocab_size != vqvae.config.codebook_size:
             raise ValueError(
                 f"prior samples {prior.config.image_vocab_size} image codes but the vqvae has "
@@ -66,6 +74,7 @@ class TextToImagePipeline:
         self.vqvae = vqvae.eval()
         self.prior = prior.eval()
         self.tokenizer = tokenizer
+        self.training_info = dict(training_info or {})
 
     @property
     def device(self) -> torch.device:
@@ -93,7 +102,7 @@ class TextToImagePipeline:
         if not location.is_dir():
             location = Path(snapshot_download(
                 str(pretrained_path_or_repo_id), revision=revision, token=token, cache_dir=cache_dir,
-                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.md"],
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "README.md"],
             ))
         index_path = location / MODEL_INDEX
         if not index_path.is_file():
@@ -105,15 +114,20 @@ class TextToImagePipeline:
         if missing:
             raise FileNotFoundError(f"{location} lacks the component(s) {', '.join(missing)} named in {MODEL_INDEX}")
         dtype = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        card_path = location / "README.md"
         pipe = cls(
             vqvae=DVAEModel.from_pretrained(location / "vqvae", **dtype),
             prior=PriorModel.from_pretrained(location / "prior", **dtype),
             tokenizer=PreTrainedTokenizerFast.from_pretrained(location / "tokenizer"),
+            training_info=read_training_info(ModelCard.load(card_path)) if card_path.is_file() else None,
         )
         return pipe.to(device) if device is not None else pipe
 
-    def save_pretrained(self, save_directory: str | Path) -> Path:
-        """Write `model_index.json` and the three components (safetensors) to `save_directory`."""
+    def save_pretrained(self, save_directory: str | Path, repo_id: str | None = None) -> Path:
+        """Write `model_index.json`, the three components (safetensors) and the model card to `save_directory`.
+
+        The card's usage snippet loads from `repo_id` when given, else from `save_directory`.
+        """
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.vqvae.save_pretrained(directory / "vqvae")
@@ -122,7 +136,26 @@ class TextToImagePipeline:
         index = {"_class_name": type(self).__name__, "_dallekit_version": dallekit_version()}
         index |= {name: list(library_and_class) for name, library_and_class in COMPONENTS.items()}
         (directory / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        make_model_card(self, repo_id or str(directory), self.training_info).save(directory / "README.md")
         return directory
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        revision: str | None = None,
+    ) -> CommitInfo:
+        """Save the pipeline to a temporary folder and upload it as one commit to the Hub model `repo_id`."""
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory(prefix="dallekit-upload-") as folder:
+            self.save_pretrained(folder, repo_id=repo_id)
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
+                commit_message=commit_message or f"Upload {type(self).__name__} (dallekit {dallekit_version()})",
+            )
 
     # ---- generation ---------------------------------------------------------------------------
 
@@ -140,6 +173,7 @@ class TextToImagePipeline:
         init_rows: int = 0,
         output_type: Literal["pil", "np", "pt"] = "pil",
         return_dict: bool = True,
+        progress: bool = True,
     ) -> TextToImageOutput | tuple:
         """Images for `prompt` (one or a list), `num_images_per_prompt` each, in one batched prior call."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -158,7 +192,7 @@ class TextToImagePipeline:
                 init_codes.repeat_interleave(num_images_per_prompt, dim=0))
         codes = self.prior.generate(
             text_ids, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-            generator=generator, init_codes=init_codes, init_rows=init_rows,
+            generator=generator, init_codes=init_codes, init_rows=init_rows, progress=progress,
         )
         pixels = self.vqvae.decode(codes.to(next(self.vqvae.parameters()).device)).float().cpu()
         images: list[Image.Image] | np.ndarray | torch.Tensor = pixels

@@ -6,7 +6,9 @@ Same command on one CPU, several CPU processes (gloo), GPUs (DDP) or FSDP: pick 
 config with `accelerate launch --config_file configs/accelerate/<name>.yaml`. Writes
 `output_dir/checkpoints/step_N` (resume with `--resume_from_checkpoint latest`), TensorBoard logs,
 reconstruction grids `output_dir/images/reconstructions_step_N.png` (originals above
-reconstructions), and the final tokenizer in `output_dir/model` (`DVAEModel.from_pretrained`).
+reconstructions), the tokenizer with the best validation reconstruction MSE so far in
+`output_dir/best`, and the export `output_dir/model` (`DVAEModel.from_pretrained`): that best
+tokenizer, or the last step's when `training.select_best` is false.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from training.images import save_image_grid
 from training.optim import create_lr_scheduler, create_optimizer
 from training.reporting import flat_hparams, format_metrics
 from training.schedules import cosine_anneal, linear_warmup
+from training.selection import BEST_MODEL_DIR, BestModelSelector
 
 logger = get_logger(__name__)
 
@@ -135,7 +138,7 @@ def _write_reconstructions(model: DVAEModel, pixel_values: torch.Tensor, path: P
 
 
 def train(config: Stage1Config) -> dict[str, float]:
-    """Run stage-1 training to `training.max_steps`; returns the final validation metrics."""
+    """Run stage-1 training to `training.max_steps` (or an early stop); returns the exported tokenizer's metrics."""
     run = config.training
     accelerator = create_accelerator(run, project_name="stage1_dvae")
     output_dir = Path(run.output_dir)
@@ -174,7 +177,7 @@ def train(config: Stage1Config) -> dict[str, float]:
         disc_optimizer = create_optimizer(discriminator, disc_run)
         discriminator, disc_optimizer = accelerator.prepare(discriminator, disc_optimizer)
 
-    checkpoints = CheckpointManager(accelerator, output_dir, run.checkpoints_total_limit)
+    checkpoints = CheckpointManager(accelerator, output_dir, run.checkpoints_total_limit, carry=[BEST_MODEL_DIR])
     resume_path = resolve_checkpoint(run.resume_from_checkpoint, output_dir)
     if resume_path is not None:
         checkpoints.load(resume_path)
@@ -182,6 +185,7 @@ def train(config: Stage1Config) -> dict[str, float]:
         accelerator.init_trackers("stage1_dvae", config=flat_hparams(config))
 
     unwrapped: DVAEModel = accelerator.unwrap_model(model, keep_torch_compile=False)  # eval, grids, export
+    selector = BestModelSelector(accelerator, unwrapped, state, run, metric="mse")  # reconstruction MSE
     world_batch = run.batch_size * accelerator.num_processes * run.gradient_accumulation_steps
     progress = tqdm(
         total=run.max_steps, initial=state.step, desc="stage 1", unit="step",
@@ -191,7 +195,7 @@ def train(config: Stage1Config) -> dict[str, float]:
     window_start, window_images, run_start, run_start_step = time.perf_counter(), 0, time.perf_counter(), state.step
     pending_skipped = 0
     model.train()
-    while state.step < run.max_steps:
+    while state.step < run.max_steps and not selector.should_stop:
         batch = next(batches)
         pixel_values = batch["pixel_values"]
         pending_skipped += batch["num_skipped"]
@@ -262,19 +266,21 @@ def train(config: Stage1Config) -> dict[str, float]:
                 logger.info("step %d: %s", state.step, format_metrics({k.removeprefix("train/"): v for k, v in logs.items()}))
             window_start, window_images = time.perf_counter(), 0
         if state.step % run.eval_every == 0 or state.step == run.max_steps:
+            metrics = None
             if accelerator.is_main_process:
                 metrics = evaluate_tokenizer(unwrapped, _validation_batches(validation_loader))
                 accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=state.step)
                 logger.info("step %d validation: %s", state.step, format_metrics(metrics))
-            accelerator.wait_for_everyone()
-        if state.step % run.image_every == 0 or state.step == run.max_steps:
+            selector.update(metrics)
+        last = state.step == run.max_steps or selector.should_stop
+        if state.step % run.image_every == 0 or last:
             if accelerator.is_main_process:
                 _write_reconstructions(
                     unwrapped, grid_pixels.to(accelerator.device),
                     output_dir / "images" / f"reconstructions_step_{state.step}.png",
                 )
             accelerator.wait_for_everyone()
-        if state.step % run.checkpointing_steps == 0 or state.step == run.max_steps:
+        if state.step % run.checkpointing_steps == 0 or last:
             checkpoints.save(state.step)
     progress.close()
 
@@ -282,20 +288,22 @@ def train(config: Stage1Config) -> dict[str, float]:
     trained_steps = state.step - run_start_step
     metrics = {}
     if accelerator.is_main_process:
+        selector.load_best()
         metrics = evaluate_tokenizer(unwrapped, _validation_batches(validation_loader))
         metrics |= {
             "step": state.step,
             "train_images_per_second": trained_steps * world_batch / seconds if trained_steps else 0.0,
             "skipped_images": state.num_skipped,
-        }
+        } | selector.summary()
         model_dir = output_dir / "model"
         unwrapped.save_pretrained(model_dir)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        logger.info("final validation: %s; tokenizer saved to %s", format_metrics(metrics), model_dir)
+        logger.info("final validation: %s; tokenizer (weights of step %d) saved to %s",
+                    format_metrics(metrics), selector.export_step, model_dir)
         if state.num_skipped:
             logger.warning("skipped %d unreadable image(s) during training", state.num_skipped)
         if run.push_to_hub:
-            unwrapped.push_to_hub(run.hub_model_id, commit_message=f"stage-1 tokenizer, step {state.step}")
+            unwrapped.push_to_hub(run.hub_model_id, commit_message=f"stage-1 tokenizer, step {selector.export_step}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics

@@ -14,6 +14,9 @@ class PriorConfig(PreTrainedConfig):
     The sequence is `[bos, text ids padded to text_len, image codes in raster order]`, one
     vocabulary: text ids `[0, text_vocab_size)`, then image code `c` as `text_vocab_size + c`.
     The empty caption (`[eos, pad, pad, ...]`) is the unconditional input of classifier-free guidance.
+    Dropout (training only): `attention_dropout` on the attention weights, `residual_dropout` on
+    each attention and MLP output before it joins the residual stream (GPT-2's `resid_pdrop`),
+    `embedding_dropout` on the summed token and row/column embeddings.
     """
 
     model_type = "dallekit_prior"
@@ -30,6 +33,8 @@ class PriorConfig(PreTrainedConfig):
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     attention_dropout: float = 0.0
+    residual_dropout: float = 0.0
+    embedding_dropout: float = 0.0
     attention_implementation: Literal["auto", "sdpa", "eager"] = "auto"
     initializer_range: float = 0.02
     image_loss_weight: float = 7 / 8
@@ -63,6 +68,9 @@ class PriorConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value is None or not 0 <= value < self.text_vocab_size:
                 raise ValueError(f"{name} must be a text token id in [0, {self.text_vocab_size}), got {value}")
+        for name in ("attention_dropout", "residual_dropout", "embedding_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1) (0 turns it off), got {getattr(self, name)}")
         if min(self.image_loss_weight, self.text_loss_weight) < 0 or self.image_loss_weight + self.text_loss_weight == 0:
             raise ValueError("image_loss_weight and text_loss_weight must be >= 0 and not both 0")
 

@@ -5,6 +5,10 @@ information on top of the decoder's 1-D rotary positions). Logits are restricted
 positions that predict text may only emit text ids, positions that predict image tokens only
 image codes, so a sampled image never contains a text id.
 
+Embedding and residual dropout, which Llama lacks, are added around its unchanged modules: on the
+summed embeddings, and by forward hooks on each layer's attention and MLP outputs (no new weights,
+so checkpoints keep their names).
+
 `generate` samples image codes with a KV cache, temperature / top-k / top-p (transformers'
 logits warpers), a seeded `torch.Generator`, and classifier-free guidance with the conditional
 and unconditional branches in one batch sharing one cache. transformers' own `generate()` runs
@@ -27,6 +31,7 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from tqdm.auto import tqdm
 from transformers.utils import ModelOutput
 
 from stage2_prior.configuration_prior import PriorConfig
@@ -75,7 +80,21 @@ class PriorModel(PriorPreTrainedModel):
         self.row_embedding = nn.Embedding(config.image_grid_size, config.hidden_size)
         self.column_embedding = nn.Embedding(config.image_grid_size, config.hidden_size)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
+        self.residual_dropout = nn.Dropout(config.residual_dropout)
+        if config.residual_dropout > 0:
+            for layer in self.decoder.layers:
+                layer.self_attn.register_forward_hook(self._drop_sublayer_output)
+                layer.mlp.register_forward_hook(self._drop_sublayer_output)
         self.post_init()
+
+    def _drop_sublayer_output(
+        self, module: nn.Module, args: tuple, output: torch.Tensor | tuple
+    ) -> torch.Tensor | tuple:
+        """Residual dropout on an attention (`(hidden, weights)`) or MLP output, before the residual add."""
+        if isinstance(output, tuple):
+            return (self.residual_dropout(output[0]), *output[1:])
+        return self.residual_dropout(output)
 
     # ---- sequence layout ------------------------------------------------------------------------
 
@@ -101,13 +120,13 @@ class PriorModel(PriorPreTrainedModel):
         return ids
 
     def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Token embeddings plus row/column embeddings at image positions; positions [T] absolute."""
+        """Token embeddings plus row/column embeddings at image positions (then dropout); positions [T] absolute."""
         embeddings = self.decoder.embed_tokens(input_ids)
         image_index = (positions - self.image_start).clamp(min=0)
         grid = self.config.image_grid_size
         spatial = self.row_embedding(image_index // grid) + self.column_embedding(image_index % grid)
         is_image = (positions >= self.image_start).unsqueeze(-1)
-        return embeddings + torch.where(is_image, spatial, torch.zeros_like(spatial))
+        return self.embedding_dropout(embeddings + torch.where(is_image, spatial, torch.zeros_like(spatial)))
 
     def _restrict_logits(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Mask the vocabulary a position cannot predict: text before the image, image codes after."""
@@ -171,12 +190,13 @@ class PriorModel(PriorPreTrainedModel):
         init_rows: int = 0,
         use_cache: bool = True,
         do_sample: bool = True,
+        progress: bool = False,
     ) -> torch.Tensor:
         """Sample image codes [B, h, w] for captions `text_ids` [B, text_len].
 
         `guidance_scale` s mixes `uncond + s * (cond - uncond)` (1 disables guidance); with
         `init_codes` [B, h, w] the first `init_rows` rows are kept and the rest completed.
-        `do_sample=False` picks the most likely code (greedy).
+        `do_sample=False` picks the most likely code (greedy); `progress` shows a bar over the codes.
         """
         grid, batch = self.config.image_grid_size, text_ids.shape[0]
         prefix_codes = None
@@ -202,7 +222,8 @@ class PriorModel(PriorPreTrainedModel):
         cache = DynamicCache(config=self.decoder.config) if use_cache else None
         sequence, step_input = input_ids, input_ids
         text_vocab = self.config.text_vocab_size
-        for _ in range(self.config.image_seq_len - (init_rows * grid)):
+        steps = range(self.config.image_seq_len - (init_rows * grid))
+        for _ in tqdm(steps, desc="sampling image codes", unit="code", disable=not progress, leave=False):
             output = self(step_input, cache=cache, use_cache=use_cache, compute_loss=False)
             logits = output.logits[:, -1, text_vocab:]  # the image-code part of the joint vocabulary
             if guided:

@@ -5,20 +5,26 @@ and written to an Arrow cache file named by a fingerprint of the stage-1 weights
 the image size and the source split: the next run with the same inputs loads the file instead of
 encoding again, and a new stage-1 checkpoint or image size gives a new file. Unreadable images are
 dropped (and counted in the log) like in stage 1.
+
+With augmentation, the `train` split holds each original followed by `copies` randomly shifted and
+scaled variants (same caption and other columns); the settings are part of its fingerprint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from pathlib import Path
 
 import datasets
+import numpy as np
+import PIL.Image
 import torch
 from datasets.fingerprint import Hasher
 
 from stage1_dvae import DVAEModel
-from textimage_data import ImageTransform, decode_image
+from textimage_data import AugmentationConfig, ImageTransform, decode_image, random_shift_and_scale
 
 logger = logging.getLogger(__name__)
 
@@ -36,24 +42,41 @@ def pretokenize(
     splits: datasets.DatasetDict,
     model: DVAEModel,
     cache_dir: str | Path,
+    augmentation: AugmentationConfig | None = None,
     batch_size: int = 256,
 ) -> datasets.DatasetDict:
-    """Each split with `image` replaced by `codes` (h*w ints, raster order); cached under `cache_dir`."""
+    """Each split with `image` replaced by `codes` (h*w ints, raster order); cached under `cache_dir`.
+
+    With `augmentation.copies` > 0, the `train` split also holds that many augmented variants
+    after each original.
+    """
     image_size = model.config.image_size
     transform = ImageTransform(image_size)
     model_digest = tokenizer_fingerprint(model)
     device = next(model.parameters()).device
     model.eval()
+    augmentation = augmentation or AugmentationConfig()
+
+    def variants(image: PIL.Image.Image, index: int, augment: bool) -> list[PIL.Image.Image]:
+        """The image, then its augmented copies drawn from (seed, index): independent of batching."""
+        if not augment:
+            return [image]
+        rng = np.random.default_rng([augmentation.seed, index])
+        return [image] + [
+            random_shift_and_scale(image, rng, augmentation.max_translation, augmentation.max_scale_change)
+            for _ in range(augmentation.copies)
+        ]
 
     @torch.no_grad()
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        pixels, kept = [], []
-        for index, value in enumerate(batch["image"]):
+    def encode(batch: dict[str, list], indices: list[int], augment: bool) -> dict[str, list]:
+        pixels, rows = [], []
+        for row, (index, value) in enumerate(zip(indices, batch["image"])):
             image = decode_image(value)
             if image is not None:
-                pixels.append(transform(image))
-                kept.append(index)
-        result = {key: [values[i] for i in kept] for key, values in batch.items() if key != "image"}
+                for variant in variants(image, index, augment):
+                    pixels.append(transform(variant))
+                    rows.append(row)
+        result = {key: [values[i] for i in rows] for key, values in batch.items() if key != "image"}
         codes = model.encode(torch.stack(pixels).to(device)).flatten(1) if pixels else torch.empty(0, 0)
         result["codes"] = codes.cpu().tolist()
         return result
@@ -62,22 +85,28 @@ def pretokenize(
     cache_dir.mkdir(parents=True, exist_ok=True)
     encoded = {}
     for name, split in splits.items():
-        fingerprint = Hasher.hash([split._fingerprint, model_digest, image_size])
+        augment = name == "train" and augmentation.copies > 0
+        inputs = [split._fingerprint, model_digest, image_size]
+        fingerprint = Hasher.hash((inputs + [dataclasses.asdict(augmentation)]) if augment else inputs)
         cache_file = cache_dir / f"{name}-{fingerprint}.arrow"
         reused = cache_file.is_file()
         encoded[name] = split.map(
             encode,
             batched=True,
             batch_size=batch_size,
+            with_indices=True,
+            fn_kwargs={"augment": augment},
             remove_columns=split.column_names,
             cache_file_name=str(cache_file),
             new_fingerprint=fingerprint,
             load_from_cache_file=True,
             desc=f"encoding {name} images with the stage-1 tokenizer",
         )
-        dropped = len(split) - len(encoded[name])
+        per_image = 1 + augmentation.copies if augment else 1
+        dropped = len(split) - len(encoded[name]) // per_image
         logger.info(
-            "%s split: %d image code sequences %s%s", name, len(encoded[name]),
+            "%s split: %d image code sequences%s %s%s", name, len(encoded[name]),
+            f" ({augmentation.copies} augmented copies per image)" if augment else "",
             f"loaded from {cache_file}" if reused else f"encoded into {cache_file}",
             f" ({dropped} unreadable images skipped)" if dropped else "",
         )

@@ -3,10 +3,12 @@
     accelerate launch -m stage2_prior.train --config configs/prior/digits.yaml [--key value ...]
 
 Trains (or loads) the BPE caption tokenizer, encodes every image once with the stage-1 model
-(cached), then trains the prior on integers only. Writes checkpoints (`--resume_from_checkpoint
-latest`), TensorBoard logs, sample grids `output_dir/images/samples_step_N.png` (one row per
-validation prompt, decoded by the stage-1 model) and the exports `output_dir/prior`,
-`output_dir/tokenizer`.
+(cached, with `augmentation.copies` shifted/scaled variants of each training image), then trains
+the prior on integers only, evaluating the validation loss every `eval_every` steps. Writes
+checkpoints (`--resume_from_checkpoint latest`), TensorBoard logs, sample grids
+`output_dir/images/samples_step_N.png` (one row per validation prompt, decoded by the stage-1
+model), the best prior so far `output_dir/best`, and the exports `output_dir/prior` (the best
+validation loss unless `training.select_best` is false), `output_dir/tokenizer`, `metrics.json`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from stage2_prior.configuration_prior import PriorConfig
 from stage2_prior.modeling_prior import PriorModel
 from stage2_prior.pretokenize import pretokenize
 from stage2_prior.text_tokenizer import encode_captions, train_text_tokenizer
-from textimage_data import DataConfig, load_text_image_dataset
+from textimage_data import AugmentationConfig, DataConfig, load_text_image_dataset
 from training.accelerator import create_accelerator
 from training.checkpointing import CheckpointManager, TrainState, resolve_checkpoint
 from training.config import ConfigError, TrainingConfig, run_from_command_line, to_dict
@@ -36,6 +38,7 @@ from training.data import iterate_batches
 from training.images import save_image_grid
 from training.optim import create_lr_scheduler, create_optimizer
 from training.reporting import flat_hparams, format_metrics
+from training.selection import BEST_MODEL_DIR, BestModelSelector
 
 logger = get_logger(__name__)
 
@@ -52,6 +55,7 @@ class Stage2Config:
     stage1_subfolder: str = ""
     tokenizer_path: str | None = None  # a saved caption tokenizer; None: train one on the captions
     data: DataConfig = field(default_factory=DataConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     model: PriorConfig = field(default_factory=PriorConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     p_uncond: float = 0.1
@@ -87,7 +91,7 @@ def load_stage1(config: Stage2Config) -> DVAEModel:
 
 def build_datasets(config: Stage2Config, splits, stage1: DVAEModel, tokenizer: PreTrainedTokenizerFast):
     """Train/validation splits of `text_ids` [text_len] and `codes` [h*w] as torch tensors."""
-    encoded = pretokenize(splits, stage1, Path(config.training.output_dir) / "pretokenized")
+    encoded = pretokenize(splits, stage1, Path(config.training.output_dir) / "pretokenized", config.augmentation)
 
     def add_text_ids(batch: dict[str, list]) -> dict[str, list]:
         return {"text_ids": encode_captions(tokenizer, batch["text"], config.model.text_len).tolist()}
@@ -141,7 +145,7 @@ def write_samples(
 
 
 def train(config: Stage2Config) -> dict[str, float]:
-    """Run stage-2 training to `training.max_steps`; returns the final validation metrics."""
+    """Run stage-2 training to `training.max_steps` (or an early stop); returns the exported prior's metrics."""
     run = config.training
     stage1 = load_stage1(config)  # before anything is written: a missing tokenizer fails at once
     accelerator = create_accelerator(run, project_name="stage2_prior")
@@ -177,7 +181,7 @@ def train(config: Stage2Config) -> dict[str, float]:
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, state)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    checkpoints = CheckpointManager(accelerator, output_dir, run.checkpoints_total_limit)
+    checkpoints = CheckpointManager(accelerator, output_dir, run.checkpoints_total_limit, carry=[BEST_MODEL_DIR])
     resume_path = resolve_checkpoint(run.resume_from_checkpoint, output_dir)
     if resume_path is not None:
         checkpoints.load(resume_path)
@@ -185,6 +189,7 @@ def train(config: Stage2Config) -> dict[str, float]:
         accelerator.init_trackers("stage2_prior", config=flat_hparams(config))
 
     unwrapped: PriorModel = accelerator.unwrap_model(model, keep_torch_compile=False)  # eval, sampling, export
+    selector = BestModelSelector(accelerator, unwrapped, state, run, metric="loss")
     grid = config.model.image_grid_size
     tokens_per_step = run.batch_size * accelerator.num_processes * run.gradient_accumulation_steps * (
         config.model.max_seq_len - 1)
@@ -193,7 +198,7 @@ def train(config: Stage2Config) -> dict[str, float]:
     batches = iterate_batches(accelerator, train_loader, start=state.step * run.gradient_accumulation_steps)
     window_start, window_tokens, run_start, run_start_step = time.perf_counter(), 0, time.perf_counter(), state.step
     model.train()
-    while state.step < run.max_steps:
+    while state.step < run.max_steps and not selector.should_stop:
         batch = next(batches)
         with accelerator.accumulate(model):
             text_ids = drop_captions(batch["text_ids"], unwrapped, config.p_uncond)
@@ -227,32 +232,37 @@ def train(config: Stage2Config) -> dict[str, float]:
                 logger.info("step %d: %s", state.step, format_metrics({k.removeprefix("train/"): v for k, v in logs.items()}))
             window_start, window_tokens = time.perf_counter(), 0
         if state.step % run.eval_every == 0 or state.step == run.max_steps:
+            metrics = None
             if accelerator.is_main_process:
                 metrics = validation_loss(unwrapped, validation_loader, accelerator.device)
                 accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=state.step)
                 logger.info("step %d validation: %s", state.step, format_metrics(metrics))
-            accelerator.wait_for_everyone()
-        if state.step % run.image_every == 0 or state.step == run.max_steps:
+            selector.update(metrics)
+        last = state.step == run.max_steps or selector.should_stop
+        if state.step % run.image_every == 0 or last:
             if accelerator.is_main_process:
                 write_samples(config, unwrapped, stage1, tokenizer, prompts,
                               output_dir / "images" / f"samples_step_{state.step}.png")
             accelerator.wait_for_everyone()
-        if state.step % run.checkpointing_steps == 0 or state.step == run.max_steps:
+        if state.step % run.checkpointing_steps == 0 or last:
             checkpoints.save(state.step)
     progress.close()
 
     seconds = time.perf_counter() - run_start
     metrics = {}
     if accelerator.is_main_process:
+        selector.load_best()
         metrics = validation_loss(unwrapped, validation_loader, accelerator.device)
         trained = state.step - run_start_step
         metrics |= {"step": state.step, "train_tokens_per_second": trained * tokens_per_step / seconds if trained else 0.0}
+        metrics |= selector.summary()
         unwrapped.save_pretrained(output_dir / "prior")
         tokenizer.save_pretrained(output_dir / "tokenizer")
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        logger.info("final validation: %s; prior saved to %s", format_metrics(metrics), output_dir / "prior")
+        logger.info("final validation: %s; prior (weights of step %d) saved to %s",
+                    format_metrics(metrics), selector.export_step, output_dir / "prior")
         if run.push_to_hub:
-            unwrapped.push_to_hub(run.hub_model_id, commit_message=f"stage-2 prior, step {state.step}")
+            unwrapped.push_to_hub(run.hub_model_id, commit_message=f"stage-2 prior, step {selector.export_step}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics

@@ -13,14 +13,18 @@ import pytest
 import torch
 
 from textimage_data import (
+    AugmentationConfig,
     DataConfig,
     ImageTransform,
     TextImageCollator,
+    background_colour,
     decode_image,
     draw_shape,
     load_text_image_dataset,
     make_shapes,
     parse_shape_caption,
+    random_shift_and_scale,
+    shift_and_scale,
     to_rgb,
 )
 from textimage_data.digits import DIGIT_NAMES
@@ -323,6 +327,29 @@ def test_data_config_rejects_bad_values(field, value):
         DataConfig(**{field: value})
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("copies", -1),
+        ("copies", 1.5),
+        ("max_translation", 0.5),
+        ("max_translation", -0.1),
+        ("max_scale_change", 1.0),
+        ("seed", -1),
+    ],
+)
+def test_augmentation_config_rejects_bad_values(field, value):
+    expected = rf"AugmentationConfig\.{field}={re.escape(repr(value))} is invalid: set it to"
+    with pytest.raises(ValueError, match=expected):
+        AugmentationConfig(**({"copies": 1} | {field: value}))
+
+
+def test_augmentation_copies_must_differ_from_the_originals():
+    with pytest.raises(ValueError, match="raise max_translation or max_scale_change"):
+        AugmentationConfig(copies=2, max_translation=0.0, max_scale_change=0.0)
+    AugmentationConfig(copies=0, max_translation=0.0, max_scale_change=0.0)  # off: nothing to check
+
+
 # ----------------------------------------------------------------------------- transforms
 
 
@@ -337,6 +364,39 @@ def test_image_transform_resizes_and_centre_crops():
 
     tall = ImageTransform(16)(PIL.Image.new("L", (10, 50), 255))
     assert tall.shape == (3, 16, 16) and torch.all(tall == 1)
+
+
+def test_shift_and_scale_moves_the_content_and_fills_with_the_background():
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    pixels[2:5, 3:6] = RED
+    image = PIL.Image.fromarray(pixels)
+    assert np.array_equal(np.asarray(shift_and_scale(image, (0.0, 0.0), 1.0)), pixels)
+    shifted = np.asarray(shift_and_scale(image, (1 / 8, -2 / 8), 1.0))  # one pixel right, two up
+    assert np.array_equal(shifted, np.roll(pixels, (-2, 1), axis=(0, 1)))
+    zoomed_out = np.asarray(shift_and_scale(image, (0.0, 0.0), 0.5))
+    assert 0 < (zoomed_out.sum(-1) > 0).sum() < (pixels.sum(-1) > 0).sum()  # smaller, still there
+
+    white = PIL.Image.new("L", (8, 8), 255)  # a grey-scale image on white: converted, filled with white
+    white.paste(0, (3, 3, 5, 5))
+    moved = shift_and_scale(white, (0.25, 0.25), 1.0)
+    assert moved.mode == "RGB" and moved.getpixel((0, 0)) == WHITE and moved.getpixel((5, 5)) == BLACK
+
+
+def test_builtin_datasets_have_black_backgrounds(digits):
+    assert background_colour(decode_image(digits["train"][0]["image"])) == BLACK
+    shape, _, _ = make_shapes(1, 32)[0]
+    assert background_colour(shape) == BLACK
+
+
+def test_random_shift_and_scale_is_reproducible(digits):
+    image = decode_image(digits["train"][0]["image"])
+
+    def augment(seed):
+        return np.asarray(random_shift_and_scale(image, np.random.default_rng(seed), 0.2, 0.2))
+
+    assert np.array_equal(augment(0), augment(0))
+    assert not np.array_equal(augment(0), augment(1))
+    assert not np.array_equal(augment(0), np.asarray(image))
 
 
 @pytest.mark.parametrize(

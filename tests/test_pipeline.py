@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import OfflineModeIsEnabled
 from PIL import Image
 
 from pipelines import TextToImagePipeline
@@ -103,3 +105,54 @@ def test_components_that_were_not_trained_together_are_rejected(pipe: TextToImag
     ))
     with pytest.raises(ValueError, match="not trained together"):
         TextToImagePipeline(vqvae=pipe.vqvae, prior=other_prior, tokenizer=pipe.tokenizer)
+
+
+def test_model_card_has_hub_metadata_and_survives_a_reload(pipe: TextToImagePipeline, tmp_path: Path) -> None:
+    pipe.training_info = {"dataset": "digits", "metrics": {"classifier_validation_accuracy": 0.97,
+                                                           "guidance": {"3.0": {"adherence": 0.91}}}}
+    pipe.save_pretrained(tmp_path / "saved")
+    card = ModelCard.load(tmp_path / "saved" / "README.md")
+    assert card.data.library_name == "dallekit" and card.data.pipeline_tag == "text-to-image"
+    assert "text-to-image" in card.data.tags
+    assert "| 3.0 | 0.91 |" in card.text and f'from_pretrained("{tmp_path / "saved"}")' in card.text
+    reloaded = TextToImagePipeline.from_pretrained(tmp_path / "saved")
+    assert reloaded.training_info == pipe.training_info
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert all((tmp_path / "saved" / name).is_dir() for name in ("vqvae", "prior", "tokenizer") if name in index)
+
+
+def test_push_to_hub_uploads_the_saved_pipeline_as_one_commit(
+    pipe: TextToImagePipeline, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Everything up to the network: the repository it creates and the folder and message it uploads."""
+    calls: dict[str, dict] = {}
+
+    def create_repo(self, repo_id: str, **kwargs) -> str:
+        calls["create_repo"] = {"repo_id": repo_id, **kwargs}
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id: str, folder_path: str, **kwargs) -> str:
+        folder = Path(folder_path)
+        calls["upload_folder"] = {"repo_id": repo_id, **kwargs,
+                                  "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()),
+                                  "card": (folder / "README.md").read_text()}
+        loaded = TextToImagePipeline.from_pretrained(folder)  # the uploaded folder is a complete pipeline
+        np.testing.assert_array_equal(generate(loaded), generate(pipe))
+        return "commit-info"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    assert pipe.push_to_hub("someone/tiny-dallekit", private=True) == "commit-info"
+    assert calls["create_repo"] == {"repo_id": "someone/tiny-dallekit", "private": True, "exist_ok": True,
+                                    "repo_type": "model"}
+    upload = calls["upload_folder"]
+    assert upload["repo_id"] == "someone/tiny-dallekit" and upload["commit_message"].startswith("Upload TextToImagePipeline")
+    assert {"model_index.json", "README.md", "vqvae/model.safetensors", "vqvae/config.json",
+            "prior/model.safetensors", "prior/config.json", "tokenizer/tokenizer.json"} <= set(upload["files"])
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in upload["files"])
+    assert 'from_pretrained("someone/tiny-dallekit")' in upload["card"]
+
+
+def test_push_to_hub_offline_fails_before_uploading(pipe: TextToImagePipeline) -> None:
+    with pytest.raises(OfflineModeIsEnabled):
+        pipe.push_to_hub("someone/tiny-dallekit")

@@ -1,4 +1,4 @@
-"""Stage-2 prior: sequence layout, restricted logits, KV-cache sampling, guidance, memorisation, save/load."""
+"""Stage-2 prior: sequence layout, restricted logits, KV-cache sampling, guidance, dropout, memorisation, save/load."""
 
 from __future__ import annotations
 
@@ -128,3 +128,49 @@ def test_config_rejects_inconsistent_sizes() -> None:
         tiny_prior_config(hidden_size=30)
     with pytest.raises(Exception, match="bos_token_id must be a text token id"):
         tiny_prior_config(bos_token_id=99)
+    with pytest.raises(Exception, match=r"residual_dropout must be in \[0, 1\) \(0 turns it off\), got 1.0"):
+        tiny_prior_config(residual_dropout=1.0)
+    with pytest.raises(Exception, match=r"embedding_dropout must be in \[0, 1\)"):
+        tiny_prior_config(embedding_dropout=-0.1)
+
+
+DROPOUT = dict(attention_dropout=0.1, residual_dropout=0.2, embedding_dropout=0.1)
+
+
+def test_dropout_acts_in_training_only_and_adds_no_weights(tmp_path) -> None:
+    torch.manual_seed(0)
+    plain = PriorModel(tiny_prior_config())
+    torch.manual_seed(0)
+    regularised = PriorModel(tiny_prior_config(**DROPOUT))
+    assert plain.state_dict().keys() == regularised.state_dict().keys()
+    input_ids = plain.build_input_ids(captions(2), torch.randint(0, 16, (2, 4, 4)))
+
+    regularised.train()
+    first, second = regularised(input_ids).logits, regularised(input_ids).logits
+    assert not torch.equal(first, second), "dropout draws new masks in training"
+    regularised.eval()
+    torch.testing.assert_close(regularised(input_ids).logits, plain.eval()(input_ids).logits)
+
+    # dropout 0 (the default) is the model without dropout, in training too, and draws no random numbers
+    plain.train()
+    rng = torch.get_rng_state()
+    torch.testing.assert_close(plain(input_ids).logits, plain.eval()(input_ids).logits)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+    regularised.save_pretrained(tmp_path)
+    loaded = PriorModel.from_pretrained(tmp_path)  # strict: fails on any missing or unexpected weight
+    assert loaded.config.residual_dropout == 0.2 and not loaded.training
+    torch.testing.assert_close(loaded(input_ids).logits, plain(input_ids).logits)
+
+
+def test_residual_dropout_survives_torch_compile() -> None:
+    """The residual dropout hooks are traced by torch.compile: active in training, off in eval."""
+    model = PriorModel(tiny_prior_config(residual_dropout=0.5))
+    input_ids = model.build_input_ids(captions(2), torch.randint(0, 16, (2, 4, 4)))
+    expected = model.eval()(input_ids).logits
+    compiled = torch.compile(model, backend="aot_eager")  # dynamo's tracing without inductor's slow codegen
+    torch.testing.assert_close(compiled(input_ids).logits, expected)
+    model.train()
+    output = compiled(input_ids)
+    output.loss.backward()
+    assert not torch.allclose(output.logits, expected) and torch.isfinite(output.loss)

@@ -1,7 +1,10 @@
-"""Stage-2 training: cached pre-tokenisation, a real training run, exact resume, two processes."""
+"""Stage-2 training: cached (augmented) pre-tokenisation, a real training run, best-model selection,
+early stopping, exact resume, two processes."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -16,7 +19,7 @@ from stage1_dvae.train import train as train_stage1
 from stage2_prior import PriorModel
 from stage2_prior.pretokenize import pretokenize
 from stage2_prior.train import Stage2Config, train
-from textimage_data import DataConfig, TextImageCollator, load_text_image_dataset
+from textimage_data import AugmentationConfig, DataConfig, TextImageCollator, load_text_image_dataset
 from training.checkpointing import list_checkpoints
 from training.config import ConfigError, load_config
 
@@ -64,6 +67,41 @@ def test_pretokenization_is_cached_and_redone_when_the_tokenizer_changes(tmp_pat
     assert len(list(tmp_path.glob("train-*.arrow"))) == 2
 
 
+def test_augmented_pretokenization_is_cached_and_redone_when_the_settings_change(
+    tmp_path: Path, stage1_dir: Path
+) -> None:
+    splits = load_text_image_dataset(DataConfig(source="digits", image_size=16, max_examples=32))
+    model = DVAEModel.from_pretrained(stage1_dir)
+    calls = []
+    model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    plain = pretokenize(splits, model, tmp_path)
+
+    augmentation = AugmentationConfig(copies=2, max_translation=0.2, max_scale_change=0.2)
+    calls.clear()
+    augmented = pretokenize(splits, model, tmp_path, augmentation)
+    assert calls
+    train_split = augmented["train"]
+    assert len(train_split) == 3 * 32 and train_split.column_names == plain["train"].column_names
+    assert train_split["codes"][::3] == plain["train"]["codes"]  # each original, then its two copies
+    assert train_split["text"][2::3] == plain["train"]["text"]  # with its caption
+    assert sum(train_split["codes"][3 * i + 1] != train_split["codes"][3 * i] for i in range(32)) > 16
+    assert augmented["validation"]["codes"] == plain["validation"]["codes"]  # never augmented: its cache is reused
+    assert len(list(tmp_path.glob("validation-*.arrow"))) == 1
+
+    calls.clear()
+    again = pretokenize(splits, model, tmp_path, dataclasses.replace(augmentation))
+    assert not calls, "the same settings must load the cached codes, not encode again"
+    assert again["train"]["codes"] == train_split["codes"]
+    other_batches = pretokenize(splits, model, tmp_path / "other", augmentation, batch_size=5)
+    assert other_batches["train"]["codes"] == train_split["codes"], "augmentation must not depend on batching"
+
+    for change in ({"max_translation": 0.1}, {"max_scale_change": 0.1}, {"seed": 1}, {"copies": 1}):
+        calls.clear()
+        pretokenize(splits, model, tmp_path, dataclasses.replace(augmentation, **change))
+        assert calls, f"changing {change} must encode again"
+    assert len(list(tmp_path.glob("train-*.arrow"))) == 6 and len(list(tmp_path.glob("validation-*.arrow"))) == 1
+
+
 def test_stage2_training_writes_prior_tokenizer_and_samples(tmp_path: Path, stage1_dir: Path) -> None:
     metrics = train(tiny_config(tmp_path, stage1_dir))
     assert metrics["step"] == 8 and metrics["image_loss"] < 4.2  # below log(64) = 4.16 + slack: it learns
@@ -85,22 +123,78 @@ def test_stage2_resume_matches_uninterrupted_run(tmp_path: Path, stage1_dir: Pat
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_best_validation_checkpoint_is_exported_and_patience_stops_the_run(tmp_path: Path, stage1_dir: Path) -> None:
+    """A prior overfitted on 16 examples: its validation loss bottoms out at some step N and then rises.
+
+    The export holds the weights of step N (those of the step-N checkpoint), training stops after
+    3 evaluations without improvement, and a run resumed after step N reaches the same result.
+    """
+    overfit = ["--max_examples", "16", "--max_steps", "60", "--learning_rate", "1e-2", "--lr_schedule", "constant",
+               "--warmup_steps", "0", "--eval_every", "2", "--early_stopping_patience", "3", "--image_every", "1000",
+               "--checkpointing_steps", "2", "--checkpoints_total_limit", "null"]
+    metrics = train(tiny_config(tmp_path / "run", stage1_dir, *overfit))
+    best = metrics["best_step"]
+    assert metrics["stopped_early"] and metrics["step"] == best + 3 * 2 < 60
+    assert metrics["final_loss"] > metrics["best_loss"] == pytest.approx(metrics["loss"])
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["best_step"] == best
+
+    exported = load_file(tmp_path / "run" / "prior" / "model.safetensors")
+    at_best = load_file(tmp_path / "run" / "checkpoints" / f"step_{best}" / "model.safetensors")
+    at_end = load_file(tmp_path / "run" / "checkpoints" / f"step_{metrics['step']}" / "model.safetensors")
+    assert exported.keys() == at_best.keys()
+    assert all(torch.equal(exported[key], at_best[key]) for key in exported)
+    assert not all(torch.equal(exported[key], at_end[key]) for key in exported)
+
+    after_best = tmp_path / "run" / "checkpoints" / f"step_{best + 2}"
+    resumed = train(tiny_config(tmp_path / "resumed", stage1_dir, *overfit,
+                                "--resume_from_checkpoint", str(after_best)))
+    assert (resumed["best_step"], resumed["step"], resumed["stopped_early"]) == (best, metrics["step"], True)
+    resumed_export = load_file(tmp_path / "resumed" / "prior" / "model.safetensors")
+    assert all(torch.equal(resumed_export[key], exported[key]) for key in exported)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--residual_dropout", "1.0"], r"residual_dropout must be in \[0, 1\) \(0 turns it off\), got 1.0"),
+        (["--model.attention_dropout", "-0.1"], r"attention_dropout must be in \[0, 1\)"),
+        (["--augmentation.copies", "-1"], r"AugmentationConfig.copies=-1 is invalid"),
+        (["--copies", "2", "--max_translation", "0", "--max_scale_change", "0"], r"raise max_translation or"),
+        (["--early_stopping_patience", "0"], r"training.early_stopping_patience must be >= 1"),
+    ],
+)
+def test_bad_regularisation_settings_fail_with_a_clear_message(
+    tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path, tmp_path / "stage1", *overrides)
+
+
 def test_missing_stage1_model_fails_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no stage-1 tokenizer"):
         train(tiny_config(tmp_path / "run", tmp_path / "nowhere"))
     assert not (tmp_path / "run").exists()
 
 
-def test_stage2_two_process_cpu_run(tmp_path: Path, stage1_dir: Path) -> None:
+def test_stage2_two_process_cpu_run_stops_early_on_both_ranks(tmp_path: Path, stage1_dir: Path) -> None:
+    """Both ranks leave the loop at the same step (a rank left behind would hang in the next all-reduce).
+
+    A learning rate of 1e-20 leaves the weights unchanged, so the validation loss never improves
+    after the first evaluation: with patience 2 the run stops after step 3.
+    """
     result = subprocess.run(
         ["accelerate", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
          "-m", "stage2_prior.train", "--config", TINY_PRIOR, "--stage1_model", str(stage1_dir),
-         "--output_dir", str(tmp_path), "--max_steps", "4", "--checkpointing_steps", "2", "--progress", "false"],
+         "--output_dir", str(tmp_path), "--max_steps", "8", "--checkpointing_steps", "2", "--progress", "false",
+         "--learning_rate", "1e-20", "--eval_every", "1", "--early_stopping_patience", "2"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stderr
-    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_2", "step_4"]
+    assert result.stderr.count("stopping early at step 3") == 1
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["step"], metrics["best_step"], metrics["stopped_early"]) == (3, 1, True)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_2", "step_3"]
     assert len(list((tmp_path / "logs").glob("*/events.out.tfevents.*"))) == 1
     assert result.stderr.count("final validation") == 1
 

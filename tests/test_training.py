@@ -15,12 +15,15 @@ from accelerate.utils import DataLoaderConfiguration
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from stage1_dvae import DVAEModel
 from stage1_dvae.train import Stage1Config, train
-from training.checkpointing import list_checkpoints, resolve_checkpoint
+from tests.conftest import tiny_dvae_config
+from training.checkpointing import TrainState, list_checkpoints, resolve_checkpoint
 from training.config import ConfigError, TrainingConfig, load_config
 from training.data import iterate_batches
 from training.images import image_grid
 from training.schedules import cosine_anneal, linear_warmup
+from training.selection import BestModelSelector
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "dvae" / "tiny.yaml")
@@ -61,6 +64,7 @@ def test_yaml_and_command_line_overrides(tmp_path: Path) -> None:
         (["--model.downsample_factor", "3"], r"downsample_factor must be a power of two"),
         (["--data.source", ""], r"DataConfig.source=''"),
         (["--adversarial.enabled", "--gradient_accumulation_steps", "2"], r"adversarial.enabled needs"),
+        (["--early_stopping_patience", "0"], r"training.early_stopping_patience must be >= 1 .* null \(off\), got 0"),
     ],
 )
 def test_bad_config_fails_with_a_clear_message(tmp_path: Path, overrides: list[str], message: str) -> None:
@@ -153,8 +157,10 @@ def test_interrupted_run_resumes_from_latest(tmp_path: Path) -> None:
                          "--resume_from_checkpoint", "latest")
     metrics = train(longer)  # the latest checkpoint is the final one: nothing left to train
     assert metrics["step"] == 4
-    assert load_file(output_dir / "model" / "model.safetensors").keys() == load_file(
-        tmp_path / "first_model" / "model.safetensors").keys()
+    exported, first = load_file(output_dir / "model" / "model.safetensors"), load_file(
+        tmp_path / "first_model" / "model.safetensors")
+    assert exported.keys() == first.keys()
+    assert all(torch.equal(exported[key], first[key]) for key in first)  # the same best, restored from the checkpoint
 
 
 def test_training_writes_checkpoints_grids_logs_and_model(tmp_path: Path) -> None:
@@ -166,6 +172,13 @@ def test_training_writes_checkpoints_grids_logs_and_model(tmp_path: Path) -> Non
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "config.yaml").is_file()
     assert {"psnr", "mse", "codebook_usage", "perplexity", "train_images_per_second"} <= metrics.keys()
+    # validated at steps 4 and 8; the export is the better of the two, also kept in best/ and in the checkpoint
+    assert metrics["best_step"] in (4, 8) and metrics["mse"] == pytest.approx(metrics["best_mse"])
+    assert metrics["best_mse"] <= metrics["final_mse"] and metrics["stopped_early"] is False
+    exported = load_file(tmp_path / "model" / "model.safetensors")
+    for best in (tmp_path / "best", tmp_path / "checkpoints" / "step_8" / "best"):
+        saved = load_file(best / "model.safetensors")
+        assert all(torch.equal(saved[key], exported[key]) for key in exported)
 
 
 def test_batch_iteration_resumes_at_the_same_position() -> None:
@@ -181,6 +194,38 @@ def test_batch_iteration_resumes_at_the_same_position() -> None:
     full = stream(0, 9)
     assert stream(4, 5) == full[4:]
     assert full[0:3] != full[3:6], "each epoch is reshuffled"
+
+
+# ---- model selection ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("select_best", [True, False])
+def test_selector_keeps_the_best_weights_and_stops_after_patience(tmp_path: Path, select_best: bool) -> None:
+    """Metrics 3, 2, 2.5, 1, 1.5, 1.2 with patience 2: best at step 4, stop after step 6."""
+    accelerator = Accelerator(cpu=True)
+    model, state = DVAEModel(tiny_dvae_config()), TrainState()
+    config = TrainingConfig(output_dir=str(tmp_path), select_best=select_best, early_stopping_patience=2)
+    selector = BestModelSelector(accelerator, model, state, config, metric="mse")
+    weights = {}
+    for step, value in enumerate([3.0, 2.0, 2.5, 1.0, 1.5, 1.2], start=1):
+        assert not selector.should_stop
+        with torch.no_grad():
+            model.decoder.conv_out.bias.fill_(step)  # the weights of step `step`
+        state.step = step
+        weights[step] = {key: tensor.clone() for key, tensor in model.state_dict().items()}
+        assert selector.update({"mse": value, "psnr": 0.0}) == (step in (1, 2, 4))
+    assert selector.should_stop and state.evaluations_since_best == 2
+    assert selector.summary() == {"best_step": 4, "best_mse": 1.0, "final_mse": 1.2, "stopped_early": True}
+    assert selector.export_step == (4 if select_best else 6)
+    assert (tmp_path / "best").is_dir() == select_best and not list(tmp_path.glob(".tmp-*"))
+
+    selector.load_best()
+    expected = weights[selector.export_step]
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in model.state_dict().items())
+
+    resumed = TrainState()
+    resumed.load_state_dict(state.state_dict())  # what a checkpoint restores
+    assert BestModelSelector(accelerator, model, resumed, config, metric="mse").should_stop
 
 
 # ---- multi-process ------------------------------------------------------------------------------
@@ -201,7 +246,11 @@ def test_two_process_cpu_run_writes_once(tmp_path: Path) -> None:
     step_dir = tmp_path / "checkpoints" / "step_4"
     assert sorted(p.name for p in step_dir.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
     assert len(list((tmp_path / "logs").glob("*/events.out.tfevents.*"))) == 1
-    assert len(list(tmp_path.rglob("model.safetensors"))) == 3  # two checkpoints + the export
+    # two checkpoints, the best model (first evaluated at step 4, so also in that checkpoint) and the export
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("model.safetensors")) == [
+        "best/model.safetensors", "checkpoints/step_2/model.safetensors", "checkpoints/step_4/best/model.safetensors",
+        "checkpoints/step_4/model.safetensors", "model/model.safetensors",
+    ]
     assert result.stderr.count("final validation") == 1
 
 

@@ -1,16 +1,26 @@
 """Captioned-image data shared by both stages: built-in datasets, local/Hub loading, transforms."""
 
-from .config import DataConfig
+from .config import AugmentationConfig, DataConfig
 from .digits import make_digits_dataset
 from .shapes import draw_shape, make_shapes, make_shapes_dataset, parse_shape_caption, shape_caption
 from .sources import BUILTIN_DATASETS, load_text_image_dataset
-from .transforms import ImageTransform, TextImageCollator, decode_image, to_rgb
+from .transforms import (
+    ImageTransform,
+    TextImageCollator,
+    background_colour,
+    decode_image,
+    random_shift_and_scale,
+    shift_and_scale,
+    to_rgb,
+)
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "AugmentationConfig",
     "DataConfig",
     "ImageTransform",
     "TextImageCollator",
+    "background_colour",
     "decode_image",
     "draw_shape",
     "load_text_image_dataset",
@@ -18,6 +28,8 @@ __all__ = [
     "make_shapes",
     "make_shapes_dataset",
     "parse_shape_caption",
+    "random_shift_and_scale",
     "shape_caption",
+    "shift_and_scale",
     "to_rgb",
 ]

@@ -51,9 +51,7 @@ class DataConfig:
             "a positive integer, e.g. 32",
         )
         _require(
-            isinstance(self.validation_fraction, (int, float))
-            and not isinstance(self.validation_fraction, bool)
-            and 0 < self.validation_fraction < 1,
+            _is_number(self.validation_fraction) and 0 < self.validation_fraction < 1,
             "validation_fraction",
             self.validation_fraction,
             "a number strictly between 0 and 1, e.g. 0.1",
@@ -74,10 +72,42 @@ class DataConfig:
         )
 
 
+@dataclass
+class AugmentationConfig:
+    """Randomly shifted and scaled copies of each training image (`shift_and_scale`); validation is never augmented.
+
+    Stage 2 encodes `copies` variants of every training image besides the original, once, into
+    extra code sequences with the same caption. Variant k of example i depends only on `seed`
+    and i, so the codes do not depend on batching, and changing any setting re-encodes.
+    """
+
+    copies: int = 0  # augmented variants per training image; 0: off
+    max_translation: float = 0.1  # largest shift along each axis, as a fraction of the image side
+    max_scale_change: float = 0.1  # zoom about the centre by a factor drawn from [1 - c, 1 + c]
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        owner = "AugmentationConfig"
+        _require(_is_int(self.copies) and self.copies >= 0, "copies", self.copies,
+                 "a non-negative integer (0 turns augmentation off)", owner)
+        _require(_is_number(self.max_translation) and 0 <= self.max_translation < 0.5, "max_translation",
+                 self.max_translation, "a fraction of the image side in [0, 0.5), e.g. 0.1", owner)
+        _require(_is_number(self.max_scale_change) and 0 <= self.max_scale_change < 1, "max_scale_change",
+                 self.max_scale_change, "a number in [0, 1), e.g. 0.1 for zooms between 0.9 and 1.1", owner)
+        _require(self.copies == 0 or self.max_translation > 0 or self.max_scale_change > 0, "copies", self.copies,
+                 "0, or raise max_translation or max_scale_change so that the copies differ from the originals",
+                 owner)
+        _require(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "a non-negative integer", owner)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _require(condition: bool, name: str, value: object, allowed: str) -> None:
+def _require(condition: bool, name: str, value: object, allowed: str, owner: str = "DataConfig") -> None:
     if not condition:
-        raise ValueError(f"DataConfig.{name}={value!r} is invalid: set it to {allowed}.")
+        raise ValueError(f"{owner}.{name}={value!r} is invalid: set it to {allowed}.")

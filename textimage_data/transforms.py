@@ -1,4 +1,4 @@
-"""Image decoding, RGB conversion, and the collator that turns captioned images into tensors."""
+"""Image decoding, RGB conversion, shift/scale augmentation, and the collator turning captioned images into tensors."""
 
 import logging
 import os
@@ -48,6 +48,37 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         rgba = image.convert("RGBA")
         image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, WHITE), rgba)
     return image.convert("RGB")
+
+
+def background_colour(image: PIL.Image.Image) -> tuple[int, int, int]:
+    """The median colour of the RGB image's one-pixel border (black for the built-in datasets)."""
+    pixels = np.asarray(image)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    return tuple(int(v) for v in np.median(border, axis=0))
+
+
+def shift_and_scale(image: PIL.Image.Image, translation: tuple[float, float], scale: float) -> PIL.Image.Image:
+    """`image` as RGB, zoomed by `scale` about its centre, then moved by `translation` (dx, dy) in
+    fractions of its width and height; uncovered pixels take its `background_colour`."""
+    image = to_rgb(image)
+    width, height = image.size
+    centre_x, centre_y = width / 2, height / 2
+    shift_x, shift_y = translation[0] * width, translation[1] * height
+    # PIL maps each output pixel (x, y) to the input pixel (a x + b y + c, d x + e y + f)
+    inverse = (1 / scale, 0, centre_x - (centre_x + shift_x) / scale,
+               0, 1 / scale, centre_y - (centre_y + shift_y) / scale)
+    return image.transform(image.size, PIL.Image.Transform.AFFINE, inverse,
+                           resample=PIL.Image.Resampling.BILINEAR, fillcolor=background_colour(image))
+
+
+def random_shift_and_scale(
+    image: PIL.Image.Image, rng: np.random.Generator, max_translation: float, max_scale_change: float
+) -> PIL.Image.Image:
+    """`shift_and_scale` with a zoom from [1 - max_scale_change, 1 + max_scale_change] and a shift of
+    up to `max_translation` of the side along each axis, drawn uniformly from `rng`."""
+    scale = rng.uniform(1 - max_scale_change, 1 + max_scale_change)
+    dx, dy = rng.uniform(-max_translation, max_translation, size=2)
+    return shift_and_scale(image, (float(dx), float(dy)), float(scale))
 
 
 class ImageTransform:

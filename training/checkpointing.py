@@ -1,8 +1,9 @@
 """Checkpoints of a whole training state: atomic `save_state` every N steps, keep the last k, resume.
 
 Layout: `output_dir/checkpoints/step_N/` (accelerate's files: models, optimisers, schedulers, RNG
-states, plus our `TrainState`). A checkpoint is written to `.tmp-step_N` and renamed when complete,
-so a run killed mid-save never leaves a half checkpoint that `latest` would pick.
+states, plus our `TrainState`), and a copy of each carried directory of `output_dir` (the best model
+so far, `best/`), restored into `output_dir` on resume. A checkpoint is written to `.tmp-step_N` and
+renamed when complete, so a run killed mid-save never leaves a half checkpoint that `latest` would pick.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 import logging
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,11 @@ class TrainState:
     step: int = 0
     images_seen: int = 0
     num_skipped: int = 0
+    # model selection (training.selection): the best and the latest validation metric, and the wait since the best
+    best_metric: float | None = None
+    best_step: int | None = None
+    last_metric: float | None = None
+    evaluations_since_best: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -35,6 +42,12 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Put the complete directory `tmp` in place of `final` (whatever `final` held is removed)."""
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
@@ -62,12 +75,21 @@ def resolve_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Pat
 
 
 class CheckpointManager:
-    """Saves and restores the accelerator's full state under `output_dir/checkpoints`."""
+    """Saves and restores the accelerator's full state under `output_dir/checkpoints`.
 
-    def __init__(self, accelerator: Accelerator, output_dir: str | Path, total_limit: int | None) -> None:
+    `carry` names directories of `output_dir` that are part of the training state (the best model so
+    far): each checkpoint holds a copy, and resuming from it puts that copy back (or removes the
+    directory when the checkpoint has none), so a resumed run continues from the same best.
+    """
+
+    def __init__(
+        self, accelerator: Accelerator, output_dir: str | Path, total_limit: int | None, carry: Sequence[str] = ()
+    ) -> None:
         self.accelerator = accelerator
-        self.checkpoint_dir = Path(output_dir) / "checkpoints"
+        self.output_dir = Path(output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
         self.total_limit = total_limit
+        self.carry = tuple(carry)
 
     def save(self, step: int) -> Path:
         """Write the state of step `step` atomically and prune old checkpoints; returns the directory."""
@@ -80,16 +102,29 @@ class CheckpointManager:
         self.accelerator.save_state(str(tmp))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            for name in self.carry:
+                if (self.output_dir / name).is_dir():
+                    shutil.copytree(self.output_dir / name, tmp / name)
+            replace_directory(tmp, final)
             self._prune()
             logger.info("saved checkpoint %s", final)
         self.accelerator.wait_for_everyone()
         return final
 
     def load(self, path: Path) -> None:
-        """Restore models, optimisers, schedulers, RNG and registered objects from `path`."""
+        """Restore models, optimisers, schedulers, RNG, registered objects and carried directories from `path`."""
         self.accelerator.load_state(str(path))
+        if self.accelerator.is_main_process:
+            for name in self.carry:
+                target = self.output_dir / name
+                if (path / name).is_dir():
+                    tmp = self.output_dir / f".tmp-{name}"
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    shutil.copytree(path / name, tmp)
+                    replace_directory(tmp, target)
+                else:
+                    shutil.rmtree(target, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         logger.info("resumed from checkpoint %s", path)
 
     def _prune(self) -> None:

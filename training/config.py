@@ -256,7 +256,9 @@ class TrainingConfig:
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None
     log_every: int = 20
-    eval_every: int = 250
+    eval_every: int = 250  # validate every N steps and at the last step
+    select_best: bool = True  # export the weights of the best validation evaluation (output_dir/best), not the last
+    early_stopping_patience: int | None = None  # stop after N evaluations without a better validation metric; None: off
     image_every: int = 250
     report_to: Literal["tensorboard", "none"] = "tensorboard"
     num_workers: int = 0
@@ -280,6 +282,11 @@ class TrainingConfig:
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(
                 f"training.checkpoints_total_limit must be >= 1 or null (keep all), got {self.checkpoints_total_limit}"
+            )
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError(
+                f"training.early_stopping_patience must be >= 1 (evaluations without improvement) or null (off), "
+                f"got {self.early_stopping_patience}"
             )
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("training.push_to_hub needs training.hub_model_id (e.g. 'user/dallekit-digits-dvae')")

@@ -1,0 +1,110 @@
+"""The model card (`README.md`) of a saved pipeline: Hub metadata, components, data, metrics, usage.
+
+The card is regenerated on every save from the components and `training_info` (the dataset and
+evaluation figures, kept machine-readable in the card's metadata under `dallekit:` so a loaded
+pipeline saves the same card again).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+LIBRARY_NAME = "dallekit"
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _metrics_section(metrics: dict[str, Any]) -> str:
+    """Scalar metrics as a two-column table; a `guidance` mapping (scale -> metrics) as one row per scale."""
+    lines = ["## Evaluation", ""]
+    scalars = {key: value for key, value in metrics.items() if not isinstance(value, (dict, list))}
+    if scalars:
+        lines += ["| metric | value |", "| --- | --- |"]
+        lines += [f"| {key} | {_format(value)} |" for key, value in scalars.items()]
+        lines.append("")
+    by_scale = metrics.get("guidance", {})
+    if by_scale:
+        columns = list(dict.fromkeys(
+            key for row in by_scale.values() for key, value in row.items() if not isinstance(value, (dict, list))
+        ))
+        lines += ["| guidance scale | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
+        for scale, row in by_scale.items():
+            lines.append(f"| {scale} | " + " | ".join(_format(row.get(column, "")) for column in columns) + " |")
+        lines.append("")
+    lines.append(
+        "Adherence: share of images that an independent classifier, trained on the real training images, "
+        "assigns to the prompted class (its accuracy on real validation images is the ceiling). Fréchet "
+        "distance: between real validation and generated images in that classifier's feature space. Copy "
+        "rates: generated code sequences equal to a training image's (exact), and images closer to a "
+        "training image than 95% of real validation images are (near; novel samples score about 5%)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def make_model_card(pipe, location: str, training_info: dict[str, Any] | None = None) -> ModelCard:
+    """A card for `pipe` (a `TextToImagePipeline`), loadable as `location` (a Hub id or a directory)."""
+    info = training_info or {}
+    vqvae, prior = pipe.vqvae.config, pipe.prior.config
+    quantizer = "gumbel-dvae" if vqvae.quantizer == "gumbel" else "vq-vae"
+    data = ModelCardData(
+        library_name=LIBRARY_NAME,
+        pipeline_tag="text-to-image",
+        tags=["dallekit", "text-to-image", "dall-e", "autoregressive", quantizer],
+        dallekit=info,
+    )
+    dataset = info.get("dataset")
+    prompt = info.get("example_prompt", "a handwritten digit seven")
+    sections = [
+        f"# dallekit text-to-image{f' ({dataset})' if dataset else ''}",
+        "",
+        "A DALL·E-style two-stage model trained with [dallekit](https://github.com/dallekit/dallekit): "
+        "an image tokenizer turns images into a grid of discrete codes, and an autoregressive transformer "
+        "samples those codes from a caption.",
+        "",
+        "| component | what it is |",
+        "| --- | --- |",
+        f"| `vqvae` | {quantizer}: {vqvae.image_size}x{vqvae.image_size} RGB images <-> {vqvae.latent_size}x"
+        f"{vqvae.latent_size} codes out of {vqvae.codebook_size}, {pipe.vqvae.num_parameters():,} parameters |",
+        f"| `prior` | Llama-style decoder, {prior.num_hidden_layers} layers x {prior.hidden_size} wide, over "
+        f"{prior.text_len} caption tokens + {prior.image_seq_len} image codes, {pipe.prior.num_parameters():,} "
+        f"parameters, classifier-free guidance |",
+        f"| `tokenizer` | byte-level BPE over the captions, {len(pipe.tokenizer)} tokens |",
+        "",
+        "## Training data",
+        "",
+        info.get("data_description") or (f"`{dataset}`" if dataset else "Not recorded."),
+        "",
+    ]
+    if info.get("metrics"):
+        sections.append(_metrics_section(info["metrics"]))
+    sections += [
+        "## Usage",
+        "",
+        "```python",
+        "import torch",
+        "from pipelines import TextToImagePipeline",
+        "",
+        f'pipe = TextToImagePipeline.from_pretrained("{location}")',
+        f'images = pipe("{prompt}", num_images_per_prompt=4, guidance_scale=3.0,',
+        "              generator=torch.Generator().manual_seed(0)).images  # PIL images",
+        "```",
+        "",
+        "or from the command line:",
+        "",
+        "```bash",
+        f'dallekit generate --model {location} --prompt "{prompt}" --num-images 8 --out samples.png',
+        "```",
+        "",
+    ]
+    return ModelCard("---\n" + data.to_yaml() + "\n---\n\n" + "\n".join(sections))
+
+
+def read_training_info(card: ModelCard) -> dict[str, Any]:
+    """The `training_info` a card was written with (empty for a card that dallekit did not write)."""
+    return dict(card.data.to_dict().get(LIBRARY_NAME) or {})
