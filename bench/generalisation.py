@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--max-prompts", type=int, default=None, help="validation captions per point (default: all)")
     args = parser.parse_args()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
     stage1_dir = stage1_model(args)
     for name in args.variants:

@@ -63,7 +63,7 @@ def make_model_card(pipe, location: str, training_info: dict[str, Any] | None = 
     sections = [
         f"# dallekit text-to-image{f' ({dataset})' if dataset else ''}",
         "",
-        "A DALL·E-style two-stage model trained with [dallekit](https://github.com/dallekit/dallekit): "
+        "A DALL·E-style two-stage model trained with dallekit: "
         "an image tokenizer turns images into a grid of discrete codes, and an autoregressive transformer "
         "samples those codes from a caption.",
         "",
