@@ -1,14 +1,16 @@
 """Benchmark the stage-2 prior: training throughput against the machine's matmul peak, sampling speed.
 
-    python bench/stage2.py [--config configs/prior/digits.yaml] [--train_steps 30]
+    python bench/stage2.py [--config configs/prior/digits.yaml] [--train_steps 30] [--device cuda]
 
 Prints one JSON object per measurement:
 - `train`: tokens/s of the prior's training step and its achieved FLOP/s as a share of the
-  matmul FLOP/s measured in the same run (same dtype); target >= 60% on CPU.
+  matmul FLOP/s measured in the same run (same dtype and device); target >= 60% on CPU.
 - `sampling`: images/s with and without the KV cache and with guidance, for the config's grid
   (digits: 64 image tokens) and for a 16x16 grid (256 image tokens); targets: cache >= 5x faster
   than no cache at 256 tokens, guidance <= 2.2x the unguided time.
-- peak RSS after each phase.
+- peak RSS after each phase (and peak GPU memory on CUDA).
+
+The device defaults to the accelerator when there is one; `auto` precision means bf16 there.
 """
 
 from __future__ import annotations
@@ -32,18 +34,31 @@ from training.config import TrainingConfig, load_config  # noqa: E402
 from training.optim import create_optimizer  # noqa: E402
 
 
-def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+def memory_figures(device: torch.device) -> dict:
+    figures = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        figures["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return figures
 
 
-def matmul_flops(dtype: torch.dtype, size: int = 1024, seconds: float = 2.0) -> float:
-    """Measured FLOP/s of square matmuls in `dtype` on this machine."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def synchronize(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def matmul_flops(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
+    """Measured FLOP/s of square matmuls in `dtype` on `device`."""
+    size = 1024 if device.type == "cpu" else 8192
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
     torch.matmul(a, b)
+    synchronize(device)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         torch.matmul(a, b)
         count += 1
+        if count % 10 == 0:
+            synchronize(device)
+    synchronize(device)
     return 2 * size**3 * count / (time.perf_counter() - start)
 
 
@@ -52,60 +67,68 @@ def training_flops_per_token(config: PriorConfig, num_parameters: int) -> float:
     return 6 * num_parameters + 12 * config.num_hidden_layers * config.hidden_size * config.max_seq_len
 
 
-def bench_training(config: PriorConfig, batch_size: int, steps: int, precision: str, compile: bool) -> dict:
+def bench_training(
+    config: PriorConfig, batch_size: int, steps: int, precision: str, compile: bool, device: torch.device
+) -> dict:
     """Tokens/s of full training steps (forward, backward, AdamW); compilation happens in the warm-up."""
-    model = PriorModel(config).train()
+    model = PriorModel(config).to(device).train()
     optimizer = create_optimizer(model, TrainingConfig(learning_rate=1e-4))
     forward = torch.compile(model) if compile else model
     input_ids = model.build_input_ids(
         torch.randint(3, config.text_vocab_size, (batch_size, config.text_len)),
         torch.randint(0, config.image_vocab_size, (batch_size, config.image_grid_size, config.image_grid_size)),
-    )
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    ).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     for step in range(steps + 3):
         if step == 3:
+            synchronize(device)
             start = time.perf_counter()
         with autocast:
             loss = forward(input_ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+    synchronize(device)
     seconds = time.perf_counter() - start
     tokens_per_second = steps * input_ids.numel() / seconds
     non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
     achieved = tokens_per_second * training_flops_per_token(config, non_embedding)
-    peak = matmul_flops(torch.bfloat16 if precision == "bf16" else torch.float32)
+    peak = matmul_flops(torch.bfloat16 if precision == "bf16" else torch.float32, device)
     return {
-        "benchmark": "stage2", "measurement": "train", "precision": precision, "compiled": compile,
+        "benchmark": "stage2", "measurement": "train", "device": str(device), "precision": precision,
+        "compiled": compile,
         "attention": config.resolved_attention(), "batch_size": batch_size,
         "sequence_length": input_ids.shape[1], "parameters": sum(p.numel() for p in model.parameters()),
         "tokens_per_second": round(tokens_per_second), "achieved_gflops": round(achieved / 1e9, 1),
         "matmul_peak_gflops": round(peak / 1e9, 1), "share_of_matmul_peak": round(achieved / peak, 3),
-        "peak_rss_mb": peak_rss_mb(),
+        **memory_figures(device),
     }
 
 
 def time_sampling(model: PriorModel, batch_size: int, **kwargs) -> float:
-    text = torch.randint(3, model.config.text_vocab_size, (batch_size, model.config.text_len))
+    device = model.device
+    text = torch.randint(3, model.config.text_vocab_size, (batch_size, model.config.text_len), device=device)
+    synchronize(device)
     start = time.perf_counter()
-    model.generate(text, generator=torch.Generator().manual_seed(0), **kwargs)
+    model.generate(text, generator=torch.Generator(device).manual_seed(0), **kwargs)
+    synchronize(device)
     return time.perf_counter() - start
 
 
-def bench_sampling(config: PriorConfig, batch_size: int) -> dict:
-    model = PriorModel(config).eval()
+def bench_sampling(config: PriorConfig, batch_size: int, device: torch.device) -> dict:
+    model = PriorModel(config).to(device).eval()
     time_sampling(model, 2)  # warm-up
     cached = time_sampling(model, batch_size, use_cache=True)
     uncached = time_sampling(model, batch_size, use_cache=False)
     guided = time_sampling(model, batch_size, use_cache=True, guidance_scale=3.0)
     return {
-        "benchmark": "stage2", "measurement": "sampling", "image_tokens": config.image_seq_len,
+        "benchmark": "stage2", "measurement": "sampling", "device": str(device), "image_tokens": config.image_seq_len,
         "batch_size": batch_size, "images_per_second_cache": round(batch_size / cached, 2),
         "images_per_second_no_cache": round(batch_size / uncached, 2),
         "images_per_second_guided": round(batch_size / guided, 2),
         "tokens_per_second_cache": round(batch_size * config.image_seq_len / cached),
         "cache_speedup": round(uncached / cached, 2), "guidance_cost": round(guided / cached, 2),
-        "peak_rss_mb": peak_rss_mb(),
+        **memory_figures(device),
     }
 
 
@@ -114,16 +137,19 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "prior" / "digits.yaml"))
     parser.add_argument("--train_steps", type=int, default=30)
     parser.add_argument("--sample_batch", type=int, default=16)
+    parser.add_argument("--device", default=None, help="default: the accelerator if there is one, else cpu")
     args = parser.parse_args()
+    accelerator = torch.accelerator.current_accelerator()
+    device = torch.device(args.device or (accelerator.type if accelerator is not None else "cpu"))
     run = load_config(Stage2Config, ["--config", args.config])
     config = run.model
     config.text_vocab_size = 331  # what the BPE reaches on the digits captions
     config.image_vocab_size, config.image_grid_size = 128, 8
-    precision = resolve_mixed_precision(run.training.mixed_precision)
+    precision = resolve_mixed_precision(run.training.mixed_precision, use_cpu=device.type == "cpu")
     for result in (
-        bench_sampling(config, args.sample_batch),
-        bench_sampling(PriorConfig(**{**config.to_diff_dict(), "image_grid_size": 16}), args.sample_batch),
-        bench_training(config, run.training.batch_size, args.train_steps, precision, run.training.compile),
+        bench_sampling(config, args.sample_batch, device),
+        bench_sampling(PriorConfig(**{**config.to_diff_dict(), "image_grid_size": 16}), args.sample_batch, device),
+        bench_training(config, run.training.batch_size, args.train_steps, precision, run.training.compile, device),
     ):
         print(json.dumps(result), flush=True)
 

@@ -43,6 +43,17 @@ def classifier_free_guidance(conditional: torch.Tensor, unconditional: torch.Ten
     return unconditional + scale * (conditional - unconditional)
 
 
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of `probs` [B, V], drawn on `generator`'s device.
+
+    A seeded CPU generator so works whatever device the model is on, as in diffusers;
+    `torch.multinomial` alone refuses a generator on another device than `probs`.
+    """
+    if generator is None or generator.device == probs.device:
+        return torch.multinomial(probs, 1, generator=generator)
+    return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
+
+
 @dataclass
 class PriorOutput(ModelOutput):
     """Result of `PriorModel.forward`: logits over the joint vocabulary and the weighted loss."""
@@ -230,7 +241,7 @@ class PriorModel(PriorPreTrainedModel):
                 logits = classifier_free_guidance(*logits.chunk(2), guidance_scale)
             if do_sample:
                 probs = warpers(sequence[:batch], logits).softmax(dim=-1)
-                codes = torch.multinomial(probs, 1, generator=generator)
+                codes = sample_categorical(probs, generator)
             else:
                 codes = logits.argmax(dim=-1, keepdim=True)
             next_ids = codes + text_vocab

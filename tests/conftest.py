@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 # Tests never reach a hub: fail fast instead of retrying a network that is not there.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,9 +11,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 from stage1_dvae import DVAEConfig  # noqa: E402
 from textimage_data import DataConfig, TextImageCollator, load_text_image_dataset  # noqa: E402
+
+
+def cpu_processes_env() -> dict[str, str]:
+    """Environment for `accelerate launch` of several CPU (gloo) processes, GPUs hidden where there are any."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def tiny_dvae_config(quantizer: str = "gumbel", **overrides) -> DVAEConfig:
@@ -36,3 +43,16 @@ def digit_pixels() -> torch.Tensor:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_state() -> Iterator[None]:
+    """Each test starts without the process-wide state an earlier in-process run left behind.
+
+    accelerate keeps one device/precision state per process and refuses a different one later
+    (a CPU-only test after a run that chose the GPU); `training.deterministic` sets a torch flag.
+    """
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.use_deterministic_algorithms(False)

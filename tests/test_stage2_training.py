@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from stage1_dvae.train import train as train_stage1
 from stage2_prior import PriorModel
 from stage2_prior.pretokenize import pretokenize
 from stage2_prior.train import Stage2Config, train
+from tests.conftest import cpu_processes_env
 from textimage_data import AugmentationConfig, DataConfig, TextImageCollator, load_text_image_dataset
 from training.checkpointing import list_checkpoints
 from training.config import ConfigError, load_config
@@ -187,7 +187,7 @@ def test_stage2_two_process_cpu_run_stops_early_on_both_ranks(tmp_path: Path, st
          "-m", "stage2_prior.train", "--config", TINY_PRIOR, "--stage1_model", str(stage1_dir),
          "--output_dir", str(tmp_path), "--max_steps", "8", "--checkpointing_steps", "2", "--progress", "false",
          "--learning_rate", "1e-20", "--eval_every", "1", "--early_stopping_patience", "2"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600,
+        capture_output=True, text=True, cwd=ROOT, env=cpu_processes_env(), timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stderr

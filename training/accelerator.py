@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    parse_flag_from_env,
+    set_seed,
+)
 
 from training.config import TrainingConfig
 
@@ -35,10 +42,17 @@ def resolve_mixed_precision(setting: str, use_cpu: bool = False) -> str:
 def create_accelerator(config: TrainingConfig, project_name: str) -> Accelerator:
     """An Accelerator configured from `config`, seeded, with trackers started on the main process."""
     output_dir = Path(config.output_dir)
+    # Without an accelerator, say so: several processes then form a gloo group (MULTI_CPU). A launch
+    # config with `use_cpu: true` (configs/accelerate/cpu*.yaml) keeps a GPU machine on its CPU too.
+    use_cpu = not torch.accelerator.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+    if config.deterministic:
+        # cuBLAS reads this when its first handle is made; without it deterministic matmuls raise.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # Warn, not fail, on an op with no deterministic kernel: the warning names it.
+        torch.use_deterministic_algorithms(True, warn_only=True)
     accelerator = Accelerator(
-        # Without an accelerator, say so: several processes then form a gloo group (MULTI_CPU).
-        cpu=not torch.accelerator.is_available(),
-        mixed_precision=resolve_mixed_precision(config.mixed_precision),
+        cpu=use_cpu,
+        mixed_precision=resolve_mixed_precision(config.mixed_precision, use_cpu=use_cpu),
         dynamo_backend="inductor" if config.compile else "no",
         # Accumulation windows follow the step count, not epoch ends, so a resumed run syncs on the same batches.
         gradient_accumulation_plugin=GradientAccumulationPlugin(

@@ -252,6 +252,7 @@ class TrainingConfig:
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile (inductor) the training model: ~30% faster prior steps on CPU, ~45 s to compile
+    deterministic: bool = False  # deterministic kernels (cuDNN, cuBLAS): bitwise-repeatable GPU runs and resumes, slower
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None
