@@ -58,19 +58,16 @@ def _check_model_location(model: str) -> None:
 
 
 def _load_pipeline(model: str):
+    """The saved pipeline at `model` (a directory or Hub id), on the accelerator when there is one."""
+    import torch
+
     from pipelines.text_to_image import TextToImagePipeline
 
     _check_model_location(model)
     try:
-        return TextToImagePipeline.from_pretrained(model, device="cuda" if _has_cuda() else None)
+        return TextToImagePipeline.from_pretrained(model, device=torch.accelerator.current_accelerator())
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load a pipeline from {model!r}: {str(error).splitlines()[0]}") from None
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _check_builtin(dataset: str) -> None:

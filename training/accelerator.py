@@ -42,8 +42,9 @@ def resolve_mixed_precision(setting: str, use_cpu: bool = False) -> str:
 def create_accelerator(config: TrainingConfig, project_name: str) -> Accelerator:
     """An Accelerator configured from `config`, seeded, with trackers started on the main process."""
     output_dir = Path(config.output_dir)
-    # Without an accelerator, say so: several processes then form a gloo group (MULTI_CPU). A launch
-    # config with `use_cpu: true` (configs/accelerate/cpu*.yaml) keeps a GPU machine on its CPU too.
+    # Without an accelerator, say so: several processes then form a gloo group (MULTI_CPU). A
+    # single-process CPU launch (configs/accelerate/cpu.yaml, `accelerate launch --cpu`) sets
+    # ACCELERATE_USE_CPU, which keeps a GPU machine on its CPU, for the precision too.
     use_cpu = not torch.accelerator.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
     if config.deterministic:
         # cuBLAS reads this when its first handle is made; without it deterministic matmuls raise.

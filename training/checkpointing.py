@@ -12,7 +12,8 @@ import dataclasses
 import logging
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,14 @@ def replace_directory(tmp: Path, final: Path) -> None:
     """Put the complete directory `tmp` in place of `final` (whatever `final` held is removed)."""
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+
+
+def write_directory(final: Path, write: Callable[[Path], object]) -> None:
+    """`write(scratch)` into `.tmp-<name>` beside `final`, then put it in place: `final` is never half-written."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    replace_directory(tmp, final)
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
@@ -118,10 +127,7 @@ class CheckpointManager:
             for name in self.carry:
                 target = self.output_dir / name
                 if (path / name).is_dir():
-                    tmp = self.output_dir / f".tmp-{name}"
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    shutil.copytree(path / name, tmp)
-                    replace_directory(tmp, target)
+                    write_directory(target, partial(shutil.copytree, path / name))
                 else:
                     shutil.rmtree(target, ignore_errors=True)
         self.accelerator.wait_for_everyone()

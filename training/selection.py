@@ -11,7 +11,6 @@ checkpoints keep a copy of it.
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from accelerate.utils import broadcast
 from safetensors.torch import load_model
 from transformers import PreTrainedModel
 
-from training.checkpointing import TrainState, replace_directory
+from training.checkpointing import TrainState, write_directory
 from training.config import TrainingConfig
 
 logger = get_logger(__name__)
@@ -82,10 +81,7 @@ class BestModelSelector:
 
     def _save(self) -> None:
         if self.accelerator.is_main_process:
-            tmp = self.directory.with_name(f".tmp-{self.directory.name}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.model.save_pretrained(tmp)
-            replace_directory(tmp, self.directory)
+            write_directory(self.directory, self.model.save_pretrained)
             logger.info("new best validation %s %.4g at step %d: saved to %s",
                         self.metric, self.state.best_metric, self.state.step, self.directory)
         self.accelerator.wait_for_everyone()
