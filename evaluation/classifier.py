@@ -24,10 +24,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from evaluation.metrics import prompt_adherence
-from textimage_data import BUILTIN_DATASETS, DataConfig, TextImageCollator, load_text_image_dataset
+from textimage_data import DataConfig, TextImageCollator, load_text_image_dataset
+from textimage_data.transforms import random_shift
 
 logger = logging.getLogger(__name__)
 
+LABELLED_DATASETS = ("digits", "shapes")  # the built-in datasets with class-label columns
 CACHE_FORMAT = 1  # part of the cache key: bump when the architecture or training loop changes
 
 
@@ -111,16 +113,6 @@ def classify(
     return torch.cat(features), {name: torch.cat([batch[name] for batch in predictions]) for name in classifier.heads}
 
 
-def random_shift(pixel_values: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image [B, C, H, W] by a whole number of pixels in [-max_shift, max_shift], edges repeated."""
-    batch, _, height, width = pixel_values.shape
-    shift = torch.randint(-max_shift, max_shift + 1, (batch, 2), generator=generator)
-    theta = torch.eye(2, 3).repeat(batch, 1, 1)
-    theta[:, :, 2] = shift * 2 / torch.tensor([width, height])  # affine grids span [-1, 1]: a pixel is 2/size
-    grid = F.affine_grid(theta, list(pixel_values.shape), align_corners=False)
-    return F.grid_sample(pixel_values, grid, padding_mode="border", align_corners=False)
-
-
 @torch.enable_grad()  # also when called under no_grad, as in evaluate_pipeline
 def train_classifier(
     pixel_values: torch.Tensor,
@@ -154,9 +146,9 @@ def train_classifier(
 
 def load_labelled_splits(dataset: str, image_size: int) -> datasets.DatasetDict:
     """`train`/`validation` of a built-in dataset with class labels; ValueError naming the supported ones."""
-    if dataset not in BUILTIN_DATASETS:
+    if dataset not in LABELLED_DATASETS:
         raise ValueError(
-            f"dataset={dataset!r} has no class labels to classify: use one of {', '.join(sorted(BUILTIN_DATASETS))}."
+            f"dataset={dataset!r} has no class labels to classify: use one of {', '.join(LABELLED_DATASETS)}."
         )
     return load_text_image_dataset(DataConfig(source=dataset, image_size=image_size))
 
@@ -173,10 +165,10 @@ def decode_split(split: datasets.Dataset, image_size: int) -> tuple[torch.Tensor
     return pixel_values, {name: torch.tensor(split[name]) for name in class_columns(split)}
 
 
-def default_cache_dir() -> Path:
-    """`$DALLEKIT_CACHE/classifiers`, or `~/.cache/dallekit/classifiers` when the variable is unset."""
+def default_cache_dir(kind: str = "classifiers") -> Path:
+    """`$DALLEKIT_CACHE/{kind}`, or `~/.cache/dallekit/{kind}` when the variable is unset."""
     root = os.environ.get("DALLEKIT_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "dallekit") / "classifiers"
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "dallekit") / kind
 
 
 def load_or_train_classifier(

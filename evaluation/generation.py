@@ -1,8 +1,10 @@
-"""Generation quality of a text-to-image pipeline on a built-in dataset's held-out captions.
+"""Generation quality of a text-to-image pipeline on a dataset's held-out captions.
 
-One image per validation caption and guidance scale, judged by the independent classifier of
-`evaluation.classifier`: prompt adherence, Fréchet distance to the real validation images, and
-memorisation as exact copies of training code grids and near copies in the feature space.
+One image per validation caption and guidance scale, judged by two independent judges trained on
+real training data only: the classifier of `evaluation.classifier` (datasets with class labels:
+prompt adherence, Fréchet distance, near copies in its feature space) and the contrastive scorer
+of `evaluation.scorer_metrics` (any captioned dataset: R-precision, CLIPScore-style similarity,
+Fréchet distance in its feature space); plus memorisation as exact copies of training code grids.
 """
 
 from __future__ import annotations
@@ -14,15 +16,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from evaluation.classifier import (
-    ImageClassifier,
-    class_columns,
-    classify,
-    decode_split,
-    load_labelled_splits,
-    load_or_train_classifier,
-)
+from evaluation.classifier import ImageClassifier, class_columns, classify, load_or_train_classifier
 from evaluation.metrics import exact_copy_rate, frechet_distance, near_copy_rate, prompt_adherence
+from evaluation.scorer_metrics import judge_images, load_or_train_scorer
+from scorer import TextImageScorer
+from scorer.train import decode_pairs
+from textimage_data import DataConfig, load_text_image_dataset
 
 if TYPE_CHECKING:
     from pipelines import TextToImagePipeline
@@ -37,24 +36,36 @@ def evaluate_pipeline(
     batch_size: int = 64,
     max_prompts: int | None = None,
     classifier: ImageClassifier | None = None,
+    scorer: TextImageScorer | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Generation metrics of `pipe` on `dataset` ("digits" or "shapes") per guidance scale, JSON-serialisable.
+    """Generation metrics of `pipe` on `dataset` per guidance scale, JSON-serialisable.
 
-    Prompts are the validation captions (the first `max_prompts`, or all), one image each, the
-    targets their label columns; every scale samples with a generator seeded by `seed`. The
-    classifier is `load_or_train_classifier(dataset, image_size)` unless given. Returns::
+    `dataset` is any `DataConfig.source` (a built-in name, a caption folder, a Hub id). Prompts are
+    its validation captions (the first `max_prompts`, or all), one image each; every scale samples
+    with a generator seeded by `seed`. The scorer is `load_or_train_scorer(dataset, image_size)`
+    (the evaluation scorer, never a reranking one) unless given; the classifier, for a dataset with
+    class-label columns (digits, shapes) only, is `load_or_train_classifier(dataset, image_size)`
+    unless given. Returns::
 
         {"dataset", "image_size", "num_prompts", "seed", "seconds",
+         "real_r_precision": R-precision of the real validation images (the ceiling),
+         "real_clip_score": their CLIPScore-style similarity to their captions,
+         "real_scorer_frechet_distance": real train vs real validation scorer features (a floor),
+         # with class labels only:
          "classifier_validation_accuracy": all attributes right, on the real validation images (the ceiling),
          "classifier_attribute_accuracy": {attribute: accuracy},
          "real_frechet_distance": real train vs real validation features (a floor for the FDs below),
          "near_copy_threshold": p5 of validation-to-nearest-training feature distances,
          "real_nearest_train_distance": {"p5", "p50", "p95"} of those distances,
-         "guidance": {"3.0": {"adherence": share with every prompted attribute recognised,
-                              "attribute_adherence": {attribute: share},
-                              "frechet_distance": generated vs real validation features,
+         "guidance": {"3.0": {"r_precision": share of images whose prompt beats 99 other held-out captions,
+                              "clip_score": mean 2.5 * max(cos, 0) of image and prompt,
+                              "scorer_frechet_distance": generated vs real validation scorer features,
                               "exact_copy_rate": share of code grids equal to a training image's,
+                              # with class labels only:
+                              "adherence": share with every prompted attribute recognised,
+                              "attribute_adherence": {attribute: share},
+                              "frechet_distance": generated vs real validation classifier features,
                               "near_copy_rate": share within the near-copy threshold of a training image
                                                 (about 0.05 for novel images),
                               "nearest_train_distance": {"p5", "p50", "p95"}}, ...}}
@@ -69,25 +80,39 @@ def evaluate_pipeline(
         )
     start = time.perf_counter()
     image_size = pipe.vqvae.config.image_size
-    splits = load_labelled_splits(dataset, image_size)
-    if classifier is None:
-        classifier = load_or_train_classifier(dataset, image_size)
-    if classifier.num_classes != class_columns(splits["train"]):
+    splits = load_text_image_dataset(DataConfig(source=dataset, image_size=image_size))
+    classes = class_columns(splits["train"])
+    if classifier is not None and classifier.num_classes != classes:
         raise ValueError(
             f"the classifier predicts {classifier.num_classes} but {dataset!r} has classes "
-            f"{class_columns(splits['train'])}: pass a classifier trained on {dataset!r}, or none"
+            f"{classes or 'none'}: pass a classifier trained on {dataset!r}, or none"
         )
-    train_pixels, _ = decode_split(splits["train"], image_size)
-    validation_pixels, validation_targets = decode_split(splits["validation"], image_size)
-    train_features, _ = classify(classifier, train_pixels)
-    validation_features, validation_predictions = classify(classifier, validation_pixels)
-    ceiling = prompt_adherence(validation_predictions, validation_targets)
+    if classes and classifier is None:
+        classifier = load_or_train_classifier(dataset, image_size)
+    if scorer is None:
+        scorer = load_or_train_scorer(dataset, image_size)
+    if scorer.model.config.image_size != image_size:
+        raise ValueError(
+            f"the scorer reads {scorer.model.config.image_size}px images but the pipeline makes {image_size}px ones: "
+            f"pass a scorer trained at {image_size}px, or none"
+        )
+    train_pixels, _ = decode_pairs(splits["train"], image_size)
+    validation_pixels, validation_texts = decode_pairs(splits["validation"], image_size)
     device = next(pipe.vqvae.parameters()).device
     train_codes = torch.cat([pipe.vqvae.encode(batch.to(device)).cpu() for batch in train_pixels.split(batch_size)])
+    real_scores, validation_scorer_features = judge_images(
+        scorer, validation_pixels, validation_texts, validation_texts, seed)
+    real = {f"real_{name}": value for name, value in real_scores.items()}
+    real["real_scorer_frechet_distance"] = frechet_distance(scorer.image_features(train_pixels),
+                                                            validation_scorer_features)
+    if classifier is not None:
+        validation_targets = {name: torch.tensor(splits["validation"][name]) for name in classes}  # built-ins decode
+        train_features, _ = classify(classifier, train_pixels)
+        validation_features, validation_predictions = classify(classifier, validation_pixels)
+        ceiling = prompt_adherence(validation_predictions, validation_targets)
 
-    num_prompts = len(splits["validation"]) if max_prompts is None else min(max_prompts, len(splits["validation"]))
-    prompts = splits["validation"]["text"][:num_prompts]
-    targets = {name: labels[:num_prompts] for name, labels in validation_targets.items()}
+    num_prompts = len(validation_texts) if max_prompts is None else min(max_prompts, len(validation_texts))
+    prompts = validation_texts[:num_prompts]
     batches = range(0, num_prompts, batch_size)
     bar = tqdm(total=len(guidance_scales) * len(batches), desc="evaluating", unit="batch", disable=not progress)
     per_scale = {}
@@ -100,28 +125,33 @@ def evaluate_pipeline(
             images.append(output.images)
             codes.append(output.codes.cpu())
             bar.update()
-        features, predictions = classify(classifier, torch.cat(images))
-        adherence = prompt_adherence(predictions, targets)
-        copies = near_copy_rate(features, train_features, validation_features)
-        per_scale[str(float(scale))] = {
-            "adherence": adherence.pop("all"),
-            "attribute_adherence": adherence,
-            "frechet_distance": frechet_distance(features, validation_features),
+        images = torch.cat(images)
+        metrics = {}
+        if classifier is not None:
+            features, predictions = classify(classifier, images)
+            adherence = prompt_adherence(predictions, {name: labels[:num_prompts]
+                                                       for name, labels in validation_targets.items()})
+            copies = near_copy_rate(features, train_features, validation_features)
+            metrics = {
+                "adherence": adherence.pop("all"),
+                "attribute_adherence": adherence,
+                "frechet_distance": frechet_distance(features, validation_features),
+                "near_copy_rate": copies["near_copy_rate"],
+                "nearest_train_distance": copies["generated_to_train"],
+            }
+        scores, scorer_features = judge_images(scorer, images, prompts, validation_texts, seed)
+        per_scale[str(float(scale))] = metrics | scores | {
+            "scorer_frechet_distance": frechet_distance(scorer_features, validation_scorer_features),
             "exact_copy_rate": exact_copy_rate(torch.cat(codes), train_codes),
-            "near_copy_rate": copies["near_copy_rate"],
-            "nearest_train_distance": copies["generated_to_train"],
         }
     bar.close()
-    return {
-        "dataset": dataset,
-        "image_size": image_size,
-        "num_prompts": num_prompts,
-        "seed": seed,
-        "classifier_validation_accuracy": ceiling.pop("all"),
-        "classifier_attribute_accuracy": ceiling,
-        "real_frechet_distance": frechet_distance(train_features, validation_features),
-        "near_copy_threshold": copies["threshold"],
-        "real_nearest_train_distance": copies["validation_to_train"],
-        "guidance": per_scale,
-        "seconds": time.perf_counter() - start,
-    }
+    result = {"dataset": dataset, "image_size": image_size, "num_prompts": num_prompts, "seed": seed}
+    if classifier is not None:
+        result |= {
+            "classifier_validation_accuracy": ceiling.pop("all"),
+            "classifier_attribute_accuracy": ceiling,
+            "real_frechet_distance": frechet_distance(train_features, validation_features),
+            "near_copy_threshold": copies["threshold"],
+            "real_nearest_train_distance": copies["validation_to_train"],
+        }
+    return result | real | {"guidance": per_scale, "seconds": time.perf_counter() - start}

@@ -1,4 +1,4 @@
-"""Reconstruction metrics of a stage-1 tokenizer: MSE, PSNR, codebook usage and perplexity."""
+"""Reconstruction metrics of a stage-1 tokenizer: MSE, PSNR, codebook usage, perplexity, Fréchet distance."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import math
 from collections.abc import Iterable
 
 import torch
+
+from evaluation.classifier import classify, decode_split, load_labelled_splits, load_or_train_classifier
+from evaluation.metrics import frechet_distance
 
 
 def mse(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
@@ -56,4 +59,35 @@ def evaluate_tokenizer(model, batches: Iterable[torch.Tensor]) -> dict[str, floa
         "psnr": psnr_from_mse(mean_squared_error),
         **codebook_statistics(counts),
         "num_images": num_images,
+    }
+
+
+@torch.no_grad()
+def reconstruct(model, pixel_values: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """`decode(encode(pixels))` of pixels [N, C, H, W] in [-1, 1], batch by batch, on the CPU."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    batches = [model.decode(model.encode(batch.to(device))).float().cpu() for batch in pixel_values.split(batch_size)]
+    model.train(was_training)
+    return torch.cat(batches)
+
+
+def reconstruction_frechet_distance(model, dataset: str, batch_size: int = 128) -> dict[str, float]:
+    """How far the tokenizer's reconstructions of a built-in dataset's validation images are from real images.
+
+    Fréchet distance, in the feature space of the independent classifier
+    (`evaluation.classifier`), between the reconstructed validation images and the real training
+    images (`reconstruction_frechet_distance`), beside the same distance for the real validation
+    images (`real_frechet_distance`, the floor a perfect tokenizer would reach).
+    """
+    image_size = model.config.image_size
+    splits = load_labelled_splits(dataset, image_size)
+    classifier = load_or_train_classifier(dataset, image_size)
+    train_features = classify(classifier, decode_split(splits["train"], image_size)[0])[0]
+    validation_pixels = decode_split(splits["validation"], image_size)[0]
+    reconstructions = reconstruct(model, validation_pixels, batch_size)
+    return {
+        "reconstruction_frechet_distance": frechet_distance(classify(classifier, reconstructions)[0], train_features),
+        "real_frechet_distance": frechet_distance(classify(classifier, validation_pixels)[0], train_features),
     }

@@ -5,6 +5,7 @@
                       [--guidance-scale 3] [--top-k K] [--temperature T] [--seed 0] --out samples.png
     dallekit evaluate --model DIR_OR_HUB_ID [--dataset digits] [--guidance-scales 1 3 5] [--max-prompts N]
     dallekit evaluate-tokenizer --model DIR_OR_HUB_ID [--dataset digits] [--subfolder vqvae]
+    dallekit serve --model DIR_OR_HUB_ID [--host 127.0.0.1] [--port 7860]   (needs the `web` extra)
 
 User errors (a missing model, an unknown dataset, a bad number) print one line and exit with 2.
 """
@@ -46,6 +47,13 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
     return value
 
 
@@ -127,11 +135,12 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _evaluate_tokenizer(args: argparse.Namespace) -> None:
-    """Print MSE, PSNR, codebook usage and perplexity of a saved tokenizer on a validation split as JSON."""
+    """Print MSE, PSNR, codebook usage, perplexity (and, on digits/shapes, the reconstructions' Fréchet distance) as JSON."""
     import torch
     from torch.utils.data import DataLoader
 
-    from evaluation.reconstruction import evaluate_tokenizer
+    from evaluation.classifier import LABELLED_DATASETS
+    from evaluation.reconstruction import evaluate_tokenizer, reconstruction_frechet_distance
     from stage1_dvae import DVAEModel
     from textimage_data import DataConfig, TextImageCollator, load_text_image_dataset
 
@@ -151,7 +160,28 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loader = DataLoader(splits["validation"], batch_size=args.batch_size, collate_fn=TextImageCollator(data_config.image_size))
     metrics = evaluate_tokenizer(model.to(device), (batch["pixel_values"] for batch in loader))
+    if args.dataset in LABELLED_DATASETS:  # an independent classifier can judge the reconstructions
+        metrics |= reconstruction_frechet_distance(model, args.dataset, args.batch_size)
     print(json.dumps({"model": str(args.model), "dataset": args.dataset, **metrics}, indent=2))
+
+
+def _serve(args: argparse.Namespace) -> None:
+    """Serve the web page of a saved pipeline until interrupted (Ctrl-C)."""
+    try:
+        from pipelines.web import build_app
+    except ModuleNotFoundError as error:
+        if error.name != "gradio":
+            raise
+        raise UserError('the web page needs Gradio, which is not installed: pip install -e ".[web]" '
+                        "(from the dallekit checkout)") from None
+    app = build_app(_load_pipeline(args.model))
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request the page makes
+    try:
+        app.launch(server_name=args.host, server_port=args.port)
+    except OSError as error:
+        reason = str(error).split(". ")[0]  # Gradio goes on about its environment variables
+        raise UserError(
+            f"cannot serve on {args.host}:{args.port} ({reason}): choose another --port or --host") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("--dataset", default="digits", help="built-in name, image folder or Hub dataset id")
     tokenizer.add_argument("--batch-size", type=_positive_int, default=128)
     tokenizer.set_defaults(run=_evaluate_tokenizer)
+
+    serve = commands.add_parser("serve", help="a web page to try a saved pipeline (Gradio: the web extra)")
+    serve.add_argument("--model", required=True, help="directory or Hub id of a saved pipeline")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=_port, default=7860)
+    serve.set_defaults(run=_serve)
     return parser
 
 

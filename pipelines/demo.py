@@ -37,7 +37,8 @@ def demo_prompts(dataset: str, image_size: int, num_rows: int = 10) -> list[str]
     """Validation captions for the sample grid: one per class first (sorted by class), then other captions."""
     validation = load_text_image_dataset(DataConfig(source=dataset, image_size=image_size))["validation"]
     by_class: dict[int, str] = {}
-    for caption, label in zip(validation["text"], validation["label"]):
+    labels = validation["label"] if "label" in validation.column_names else []
+    for caption, label in zip(validation["text"], labels):
         by_class.setdefault(label, caption)
     prompts = [by_class[label] for label in sorted(by_class)][:num_rows]
     for caption in validation["text"]:
@@ -99,6 +100,7 @@ def run_demo(
         "dataset": dataset,
         "data_description": f"dallekit's built-in `{dataset}` dataset (train split), trained with `dallekit demo`.",
         "example_prompt": prompts[0],
+        "example_prompts": prompts,
         "metrics": evaluation,
     }
     pipe.save_pretrained(output_dir / "pipeline")

@@ -47,8 +47,13 @@ def _metrics_section(metrics: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_model_card(pipe, location: str, training_info: dict[str, Any] | None = None) -> ModelCard:
-    """A card for `pipe` (a `TextToImagePipeline`), loadable as `location` (a Hub id or a directory)."""
+def make_model_card(
+    pipe, location: str, training_info: dict[str, Any] | None = None, space_id: str | None = None,
+) -> ModelCard:
+    """A card for `pipe` (a `TextToImagePipeline`), loadable as `location` (a Hub id or a directory).
+
+    With `space_id` the card links to the Gradio Space that serves the model's page.
+    """
     info = training_info or {}
     vqvae, prior = pipe.vqvae.config, pipe.prior.config
     quantizer = "gumbel-dvae" if vqvae.quantizer == "gumbel" else "vq-vae"
@@ -67,6 +72,7 @@ def make_model_card(pipe, location: str, training_info: dict[str, Any] | None = 
         "an image tokenizer turns images into a grid of discrete codes, and an autoregressive transformer "
         "samples those codes from a caption.",
         "",
+        *([f"Try it in the browser: [{space_id}](https://huggingface.co/spaces/{space_id}).", ""] if space_id else []),
         "| component | what it is |",
         "| --- | --- |",
         f"| `vqvae` | {quantizer}: {vqvae.image_size}x{vqvae.image_size} RGB images <-> {vqvae.latent_size}x"
@@ -99,6 +105,7 @@ def make_model_card(pipe, location: str, training_info: dict[str, Any] | None = 
         "",
         "```bash",
         f'dallekit generate --model {location} --prompt "{prompt}" --num-images 8 --out samples.png',
+        f"dallekit serve --model {location}   # a web page to try it (needs the web extra: Gradio)",
         "```",
         "",
     ]

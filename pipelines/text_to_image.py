@@ -3,17 +3,20 @@
 A pipeline directory holds `model_index.json` (pipeline class, dallekit version, components),
 one subfolder per component: `vqvae/` (stage 1), `prior/` (stage 2), `tokenizer/` (captions), and
 the model card `README.md`. Loading reads safetensors only; a Hub id goes through
-`huggingface_hub.snapshot_download`, so the Hub cache and `HF_HUB_OFFLINE=1` work as usual.
+`huggingface_hub.snapshot_download`, so the Hub cache and `HF_HUB_OFFLINE=1` work as usual. A file
+that is there but cannot be read raises `PipelineLoadError` naming the file and what is wrong.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -28,11 +31,17 @@ from stage2_prior.text_tokenizer import encode_captions
 from textimage_data import ImageTransform
 from training.images import to_uint8
 
+ModelT = TypeVar("ModelT", DVAEModel, PriorModel)
 MODEL_INDEX = "model_index.json"
 COMPONENTS = {
     "vqvae": ("stage1_dvae", "DVAEModel"),
     "prior": ("stage2_prior", "PriorModel"),
     "tokenizer": ("transformers", "PreTrainedTokenizerFast"),
+}
+REQUIRED_FILES = {
+    "vqvae": ("config.json", "model.safetensors"),
+    "prior": ("config.json", "model.safetensors"),
+    "tokenizer": ("tokenizer.json",),
 }
 
 
@@ -41,6 +50,43 @@ def dallekit_version() -> str:
         return version("dallekit")
     except PackageNotFoundError:
         return "unknown"
+
+
+class PipelineLoadError(ValueError):
+    """A file of a saved pipeline that is there but cannot be read; `path` names it."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: {problem} (save the pipeline again, or download a fresh copy)")
+
+
+@contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Re-raise a failure inside as a `PipelineLoadError`: `path` is not a valid `what`, and why."""
+    try:
+        yield
+    except PipelineLoadError:
+        raise
+    except Exception as error:  # JSON, YAML, safetensors, tokenizers and config validation all raise their own
+        reason = f"no {error} entry" if isinstance(error, KeyError) else " ".join(str(error).split())
+        raise PipelineLoadError(path, f"not a valid {what}: {reason}") from error
+
+
+def _read_json(path: Path) -> dict:
+    """The JSON object in `path`; anything else is a `PipelineLoadError`."""
+    with _reading(path, "JSON file"):
+        content = json.loads(path.read_text())
+    if not isinstance(content, dict):
+        raise PipelineLoadError(path, f"expected a JSON object, found a {type(content).__name__}")
+    return content
+
+
+def _load_model(model_class: type[ModelT], folder: Path, **kwargs) -> ModelT:
+    """A model component from `folder`: its config.json, then its weights, a failure naming the file at fault."""
+    with _reading(folder / "config.json", model_class.config_class.__name__):
+        config = model_class.config_class.from_pretrained(folder)
+    with _reading(folder / "model.safetensors", f"{model_class.__name__} weights file for that config"):
+        return model_class.from_pretrained(folder, config=config, **kwargs)
 
 
 @dataclass
@@ -107,26 +153,41 @@ class TextToImagePipeline:
         index_path = location / MODEL_INDEX
         if not index_path.is_file():
             raise FileNotFoundError(f"{location} has no {MODEL_INDEX}: it is not a saved TextToImagePipeline")
-        index = json.loads(index_path.read_text())
+        index = _read_json(index_path)
         if index.get("_class_name") != cls.__name__:
             raise ValueError(f"{index_path} describes a {index.get('_class_name')!r}, not a {cls.__name__}")
         missing = [name for name in COMPONENTS if name not in index or not (location / name).is_dir()]
         if missing:
             raise FileNotFoundError(f"{location} lacks the component(s) {', '.join(missing)} named in {MODEL_INDEX}")
+        for name, required in REQUIRED_FILES.items():
+            for filename in required:
+                if not (location / name / filename).is_file():
+                    raise FileNotFoundError(f"{location / name} has no {filename}: the saved pipeline is incomplete")
+            for path in sorted((location / name).glob("*.json")):
+                _read_json(path)
         dtype = {"dtype": torch_dtype} if torch_dtype is not None else {}
         card_path = location / "README.md"
+        training_info = None
+        if card_path.is_file():
+            with _reading(card_path, "model card (its YAML metadata)"):
+                training_info = read_training_info(ModelCard.load(card_path))
+        with _reading(location / "tokenizer", "tokenizer directory"):
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(location / "tokenizer")
         pipe = cls(
-            vqvae=DVAEModel.from_pretrained(location / "vqvae", **dtype),
-            prior=PriorModel.from_pretrained(location / "prior", **dtype),
-            tokenizer=PreTrainedTokenizerFast.from_pretrained(location / "tokenizer"),
-            training_info=read_training_info(ModelCard.load(card_path)) if card_path.is_file() else None,
+            vqvae=_load_model(DVAEModel, location / "vqvae", **dtype),
+            prior=_load_model(PriorModel, location / "prior", **dtype),
+            tokenizer=tokenizer,
+            training_info=training_info,
         )
         return pipe.to(device) if device is not None else pipe
 
-    def save_pretrained(self, save_directory: str | Path, repo_id: str | None = None) -> Path:
+    def save_pretrained(
+        self, save_directory: str | Path, repo_id: str | None = None, space_id: str | None = None,
+    ) -> Path:
         """Write `model_index.json`, the three components (safetensors) and the model card to `save_directory`.
 
-        The card's usage snippet loads from `repo_id` when given, else from `save_directory`.
+        The card's usage snippet loads from `repo_id` when given, else from `save_directory`; with
+        `space_id` the card links to that Space.
         """
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -136,7 +197,7 @@ class TextToImagePipeline:
         index = {"_class_name": type(self).__name__, "_dallekit_version": dallekit_version()}
         index |= {name: list(library_and_class) for name, library_and_class in COMPONENTS.items()}
         (directory / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        make_model_card(self, repo_id or str(directory), self.training_info).save(directory / "README.md")
+        make_model_card(self, repo_id or str(directory), self.training_info, space_id).save(directory / "README.md")
         return directory
 
     def push_to_hub(
@@ -146,16 +207,35 @@ class TextToImagePipeline:
         token: str | bool | None = None,
         commit_message: str | None = None,
         revision: str | None = None,
+        space_id: str | None = None,
     ) -> CommitInfo:
-        """Save the pipeline to a temporary folder and upload it as one commit to the Hub model `repo_id`."""
+        """Save the pipeline to a temporary folder and upload it as one commit to the Hub model `repo_id`.
+
+        With `space_id`, also create or update that Gradio Space, whose `app.py` serves the model's
+        page (`pipelines.web.write_space`; needs the `web` extra), with the same `private`; the model
+        card links to it. The page lives in a Space of its own because a model repository runs no app.
+        Returns the model's commit.
+        """
+        if space_id is not None:
+            try:
+                from pipelines.web import write_space
+            except ModuleNotFoundError as error:
+                if error.name != "gradio":
+                    raise
+                raise ImportError('push_to_hub(space_id=...) writes a Gradio app and needs Gradio: '
+                                  'pip install -e ".[web]" (from the dallekit checkout)') from error
         api = HfApi(token=token)
+        message = commit_message or f"Upload {type(self).__name__} (dallekit {dallekit_version()})"
         with tempfile.TemporaryDirectory(prefix="dallekit-upload-") as folder:
-            self.save_pretrained(folder, repo_id=repo_id)
+            model_folder = self.save_pretrained(Path(folder) / "model", repo_id=repo_id, space_id=space_id)
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            return api.upload_folder(
-                repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-                commit_message=commit_message or f"Upload {type(self).__name__} (dallekit {dallekit_version()})",
-            )
+            commit = api.upload_folder(repo_id=repo_id, folder_path=model_folder, repo_type="model",
+                                       revision=revision, commit_message=message)
+            if space_id is not None:
+                space_folder = write_space(Path(folder) / "space", repo_id, revision=revision)
+                api.create_repo(space_id, private=private, exist_ok=True, repo_type="space", space_sdk="gradio")
+                api.upload_folder(repo_id=space_id, folder_path=space_folder, repo_type="space", commit_message=message)
+        return commit
 
     # ---- generation ---------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Configuration of the stage-1 image tokenizer (Gumbel-softmax dVAE or VQ-VAE)."""
+"""Configuration of the stage-1 image tokenizer (Gumbel-softmax dVAE, VQ-VAE or FSQ)."""
 
 import dataclasses
 import math
@@ -13,7 +13,7 @@ class DVAEConfig(PreTrainedConfig):
     """Architecture and loss constants of a `DVAEModel`.
 
     Images of `image_size`² pixels become a grid of (image_size / downsample_factor)² codes out of
-    `codebook_size`. The encoder has one level per entry of `channel_multipliers`, each level
+    `codebook_size` (for `quantizer: fsq`, prod(fsq_levels), set from the levels). The encoder has one level per entry of `channel_multipliers`, each level
     halving the resolution except the last, so `len(channel_multipliers) == log2(downsample_factor) + 1`.
     """
 
@@ -28,12 +28,13 @@ class DVAEConfig(PreTrainedConfig):
     num_res_blocks: int = 1
     codebook_size: int = 512
     embedding_dim: int = 64
-    quantizer: Literal["gumbel", "vq"] = "gumbel"
+    quantizer: Literal["gumbel", "vq", "fsq"] = "gumbel"
     reconstruction_loss: Literal["mse", "l1", "logit_laplace"] = "mse"
     logit_laplace_eps: float = 0.1
     # Gumbel-softmax dVAE
     straight_through: bool = False
     kl_weight: float = 0.05
+    marginal_kl_weight: float = 0.0  # KL of the batch-averaged posterior to uniform: codebook usage
     # VQ-VAE
     codebook_dim: int | None = None
     use_l2_norm: bool = False
@@ -43,6 +44,13 @@ class DVAEConfig(PreTrainedConfig):
     dead_code_threshold: float = 1.0
     kmeans_init: bool = True
     kmeans_iters: int = 10
+    # FSQ: levels per latent channel; prod(fsq_levels) codes
+    fsq_levels: list[int] = dataclasses.field(default_factory=lambda: [8, 5, 5, 5])
+
+    def __post_init__(self, **kwargs):
+        if self.quantizer == "fsq":  # the grid defines the code count: codebook_size follows the levels
+            self.codebook_size = math.prod(self.fsq_levels)
+        super().__post_init__(**kwargs)
 
     @property
     def latent_size(self) -> int:
@@ -73,5 +81,7 @@ class DVAEConfig(PreTrainedConfig):
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.codebook_dim is not None and self.codebook_dim < 1:
             raise ValueError(f"codebook_dim must be >= 1 or null (use embedding_dim), got {self.codebook_dim}")
-        if self.kl_weight < 0 or self.commitment_cost < 0:
-            raise ValueError("kl_weight and commitment_cost must be >= 0")
+        if len(self.fsq_levels) < 1 or min(self.fsq_levels) < 2:
+            raise ValueError(f"fsq_levels needs at least one entry, each >= 2 (e.g. [8, 5, 5, 5]), got {self.fsq_levels}")
+        if min(self.kl_weight, self.marginal_kl_weight, self.commitment_cost) < 0:
+            raise ValueError("kl_weight, marginal_kl_weight and commitment_cost must be >= 0")

@@ -1,4 +1,4 @@
-"""The stage-1 image tokenizer: convolutional encoder, quantizer (Gumbel or VQ), decoder."""
+"""The stage-1 image tokenizer: convolutional encoder, quantizer (Gumbel, VQ or FSQ), decoder."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers.utils import ModelOutput
 
 from stage1_dvae.configuration_dvae import DVAEConfig
 from stage1_dvae.losses import decoder_output_channels, reconstruction_loss, to_pixels
-from stage1_dvae.quantizers import GumbelQuantizer, VectorQuantizer
+from stage1_dvae.quantizers import FiniteScalarQuantizer, GumbelQuantizer, VectorQuantizer
 from training.pretrained import StrictPreTrainedModel
 
 
@@ -84,7 +84,7 @@ class DVAEOutput(ModelOutput):
 
     loss: torch.Tensor | None = None  # reconstruction_loss + weighted quantizer_loss
     reconstruction_loss: torch.Tensor | None = None
-    quantizer_loss: torch.Tensor | None = None  # KL to uniform (gumbel, unweighted) or commitment (vq)
+    quantizer_loss: torch.Tensor | None = None  # KL to uniform (gumbel, unweighted), commitment (vq), 0 (fsq)
     reconstruction: torch.Tensor | None = None  # [B, C, H, W] in [-1, 1]
     codes: torch.Tensor | None = None  # [B, h, w] int64
     perplexity: torch.Tensor | None = None  # of the batch's codes
@@ -114,9 +114,12 @@ class DVAEModel(DVAEPreTrainedModel):
         super().__init__(config)
         if config.quantizer == "gumbel":
             self.encoder = Encoder(config, out_channels=config.codebook_size)
-            self.quantizer: GumbelQuantizer | VectorQuantizer = GumbelQuantizer(
+            self.quantizer: GumbelQuantizer | VectorQuantizer | FiniteScalarQuantizer = GumbelQuantizer(
                 config.codebook_size, config.embedding_dim, straight_through=config.straight_through
             )
+        elif config.quantizer == "fsq":
+            self.encoder = Encoder(config, out_channels=config.embedding_dim)
+            self.quantizer = FiniteScalarQuantizer(config.fsq_levels, config.embedding_dim)
         else:
             self.encoder = Encoder(config, out_channels=config.embedding_dim)
             self.quantizer = VectorQuantizer(
@@ -171,7 +174,7 @@ class DVAEModel(DVAEPreTrainedModel):
         recon_loss = reconstruction_loss(output, pixel_values, kind, eps)
         if isinstance(self.quantizer, GumbelQuantizer):
             weight = self.config.kl_weight if kl_weight is None else kl_weight
-            loss = recon_loss + weight * quantized.loss
+            loss = recon_loss + weight * quantized.loss + self.config.marginal_kl_weight * quantized.marginal_kl
         else:
             loss = recon_loss + quantized.loss
         return DVAEOutput(

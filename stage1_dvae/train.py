@@ -38,7 +38,7 @@ from training.config import TrainingConfig, run_from_command_line, to_dict
 from training.data import iterate_batches
 from training.images import save_image_grid
 from training.optim import create_lr_scheduler, create_optimizer
-from training.reporting import flat_hparams, format_metrics
+from training.reporting import TrainingClock, flat_hparams, format_metrics
 from training.schedules import cosine_anneal, linear_warmup
 from training.selection import BEST_MODEL_DIR, BestModelSelector
 
@@ -192,7 +192,9 @@ def train(config: Stage1Config) -> dict[str, float]:
         disable=not (run.progress and accelerator.is_local_main_process),
     )
     batches = iterate_batches(accelerator, train_loader, start=state.step * run.gradient_accumulation_steps)
-    window_start, window_images, run_start, run_start_step = time.perf_counter(), 0, time.perf_counter(), state.step
+    window_start, window_images, run_start_step = time.perf_counter(), 0, state.step
+    clock = TrainingClock()
+    history: list[dict[str, float]] = []  # validation metrics of this run's evaluations, with the training time so far
     pending_skipped = 0
     model.train()
     while state.step < run.max_steps and not selector.should_stop:
@@ -265,26 +267,28 @@ def train(config: Stage1Config) -> dict[str, float]:
             if progress.disable:
                 logger.info("step %d: %s", state.step, format_metrics({k.removeprefix("train/"): v for k, v in logs.items()}))
             window_start, window_images = time.perf_counter(), 0
-        if state.step % run.eval_every == 0 or state.step == run.max_steps:
-            metrics = None
-            if accelerator.is_main_process:
-                metrics = evaluate_tokenizer(unwrapped, _validation_batches(validation_loader))
-                accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=state.step)
-                logger.info("step %d validation: %s", state.step, format_metrics(metrics))
-            selector.update(metrics)
-        last = state.step == run.max_steps or selector.should_stop
-        if state.step % run.image_every == 0 or last:
-            if accelerator.is_main_process:
-                _write_reconstructions(
-                    unwrapped, grid_pixels.to(accelerator.device),
-                    output_dir / "images" / f"reconstructions_step_{state.step}.png",
-                )
-            accelerator.wait_for_everyone()
-        if state.step % run.checkpointing_steps == 0 or last:
-            checkpoints.save(state.step)
+        with clock.paused():
+            if state.step % run.eval_every == 0 or state.step == run.max_steps:
+                metrics = None
+                if accelerator.is_main_process:
+                    metrics = evaluate_tokenizer(unwrapped, _validation_batches(validation_loader))
+                    accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=state.step)
+                    logger.info("step %d validation: %s", state.step, format_metrics(metrics))
+                    history.append({"step": state.step, "train_seconds": round(clock.seconds, 2)} | metrics)
+                selector.update(metrics)
+            last = state.step == run.max_steps or selector.should_stop
+            if state.step % run.image_every == 0 or last:
+                if accelerator.is_main_process:
+                    _write_reconstructions(
+                        unwrapped, grid_pixels.to(accelerator.device),
+                        output_dir / "images" / f"reconstructions_step_{state.step}.png",
+                    )
+                accelerator.wait_for_everyone()
+            if state.step % run.checkpointing_steps == 0 or last:
+                checkpoints.save(state.step)
     progress.close()
 
-    seconds = time.perf_counter() - run_start
+    seconds = clock.seconds
     trained_steps = state.step - run_start_step
     metrics = {}
     if accelerator.is_main_process:
@@ -292,14 +296,15 @@ def train(config: Stage1Config) -> dict[str, float]:
         metrics = evaluate_tokenizer(unwrapped, _validation_batches(validation_loader))
         metrics |= {
             "step": state.step,
+            "train_seconds": seconds,
             "train_images_per_second": trained_steps * world_batch / seconds if trained_steps else 0.0,
             "skipped_images": state.num_skipped,
-        } | selector.summary()
+        } | selector.summary() | {"history": history}
         model_dir = output_dir / "model"
         unwrapped.save_pretrained(model_dir)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         logger.info("final validation: %s; tokenizer (weights of step %d) saved to %s",
-                    format_metrics(metrics), selector.export_step, model_dir)
+                    format_metrics({k: v for k, v in metrics.items() if k != "history"}), selector.export_step, model_dir)
         if state.num_skipped:
             logger.warning("skipped %d unreadable image(s) during training", state.num_skipped)
         if run.push_to_hub:

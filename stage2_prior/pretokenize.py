@@ -8,6 +8,11 @@ dropped (and counted in the log) like in stage 1.
 
 With augmentation, the `train` split holds each original followed by `copies` randomly shifted and
 scaled variants (same caption and other columns); the settings are part of its fingerprint.
+
+When the `train` split has a `captions` column (several captions per image), each of its code
+sequences, the original and every copy, gets as `text` one caption drawn from its image's
+`captions` by an RNG seeded with (augmentation seed, example index, copy index): independent of
+batching, and cached with the codes. Validation keeps its `text`.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ def pretokenize(
     """Each split with `image` replaced by `codes` (h*w ints, raster order); cached under `cache_dir`.
 
     With `augmentation.copies` > 0, the `train` split also holds that many augmented variants
-    after each original.
+    after each original. A `train` split with `captions` gets one drawn caption per sequence as `text`.
     """
     image_size = model.config.image_size
     transform = ImageTransform(image_size)
@@ -67,16 +72,26 @@ def pretokenize(
             for _ in range(augmentation.copies)
         ]
 
+    def draw_caption(captions: list[str], text: str, index: int, copy: int) -> str:
+        """One of the image's captions (its `text` when it has none), drawn from (seed, index, copy)."""
+        if not captions:
+            return text
+        return captions[np.random.default_rng([augmentation.seed, index, copy]).integers(len(captions))]
+
     @torch.no_grad()
-    def encode(batch: dict[str, list], indices: list[int], augment: bool) -> dict[str, list]:
-        pixels, rows = [], []
+    def encode(batch: dict[str, list], indices: list[int], augment: bool, draw: bool) -> dict[str, list]:
+        pixels, rows, texts = [], [], []
         for row, (index, value) in enumerate(zip(indices, batch["image"])):
             image = decode_image(value)
             if image is not None:
-                for variant in variants(image, index, augment):
+                for copy, variant in enumerate(variants(image, index, augment)):
                     pixels.append(transform(variant))
                     rows.append(row)
+                    if draw:
+                        texts.append(draw_caption(batch["captions"][row], batch["text"][row], index, copy))
         result = {key: [values[i] for i in rows] for key, values in batch.items() if key != "image"}
+        if draw:
+            result["text"] = texts
         codes = model.encode(torch.stack(pixels).to(device)).flatten(1) if pixels else torch.empty(0, 0)
         result["codes"] = codes.cpu().tolist()
         return result
@@ -86,8 +101,13 @@ def pretokenize(
     encoded = {}
     for name, split in splits.items():
         augment = name == "train" and augmentation.copies > 0
+        draw = name == "train" and "captions" in split.column_names
         inputs = [split._fingerprint, model_digest, image_size]
-        fingerprint = Hasher.hash((inputs + [dataclasses.asdict(augmentation)]) if augment else inputs)
+        if augment:
+            inputs.append(dataclasses.asdict(augmentation))
+        if draw:
+            inputs.append({"caption_seed": augmentation.seed})
+        fingerprint = Hasher.hash(inputs)
         cache_file = cache_dir / f"{name}-{fingerprint}.arrow"
         reused = cache_file.is_file()
         encoded[name] = split.map(
@@ -95,7 +115,7 @@ def pretokenize(
             batched=True,
             batch_size=batch_size,
             with_indices=True,
-            fn_kwargs={"augment": augment},
+            fn_kwargs={"augment": augment, "draw": draw},
             remove_columns=split.column_names,
             cache_file_name=str(cache_file),
             new_fingerprint=fingerprint,

@@ -30,7 +30,7 @@ from stage2_prior.configuration_prior import PriorConfig
 from stage2_prior.modeling_prior import PriorModel
 from stage2_prior.pretokenize import pretokenize
 from stage2_prior.text_tokenizer import encode_captions, train_text_tokenizer
-from textimage_data import AugmentationConfig, DataConfig, load_text_image_dataset
+from textimage_data import AugmentationConfig, DataConfig, load_text_image_dataset, training_captions
 from training.accelerator import create_accelerator
 from training.checkpointing import CheckpointManager, TrainState, resolve_checkpoint
 from training.config import ConfigError, TrainingConfig, run_from_command_line, to_dict
@@ -92,6 +92,7 @@ def load_stage1(config: Stage2Config) -> DVAEModel:
 def build_datasets(config: Stage2Config, splits, stage1: DVAEModel, tokenizer: PreTrainedTokenizerFast):
     """Train/validation splits of `text_ids` [text_len] and `codes` [h*w] as torch tensors."""
     encoded = pretokenize(splits, stage1, Path(config.training.output_dir) / "pretokenized", config.augmentation)
+    encoded = encoded.select_columns(["text", "codes"])  # list columns (captions, skin tones) cannot be batched
 
     def add_text_ids(batch: dict[str, list]) -> dict[str, list]:
         return {"text_ids": encode_captions(tokenizer, batch["text"], config.model.text_len).tolist()}
@@ -158,7 +159,8 @@ def train(config: Stage2Config) -> dict[str, float]:
     if config.tokenizer_path:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(config.tokenizer_path)
     else:
-        tokenizer = train_text_tokenizer(images["train"]["text"], config.model.text_vocab_size, config.model.text_len)
+        tokenizer = train_text_tokenizer(training_captions(images["train"]), config.model.text_vocab_size,
+                                         config.model.text_len)
     config.model.text_vocab_size = len(tokenizer)
     config.model.image_vocab_size = stage1.config.codebook_size
     config.model.image_grid_size = stage1.config.latent_size

@@ -23,11 +23,13 @@ def cpu_processes_env() -> dict[str, str]:
 
 
 def tiny_dvae_config(quantizer: str = "gumbel", **overrides) -> DVAEConfig:
-    """A ~20k-parameter tokenizer for 16x16 images: 8x8 codes out of 64."""
+    """A ~20k-parameter tokenizer for 16x16 images: 8x8 codes out of 64 (`quantizer`: gumbel, vq or fsq)."""
     values = dict(
         image_size=16, quantizer=quantizer, downsample_factor=2, hidden_channels=16,
         channel_multipliers=[1, 2], num_res_blocks=1, codebook_size=64, embedding_dim=16,
     )
+    if quantizer == "fsq":
+        values["fsq_levels"] = [4, 4, 4]  # 64 codes, like the other quantizers here
     values.update(overrides)
     return DVAEConfig(**values)
 

@@ -13,7 +13,8 @@ from transformers import AutoModel
 
 from evaluation.reconstruction import psnr_from_mse
 from stage1_dvae import DVAEConfig, DVAEModel
-from stage1_dvae.quantizers.gumbel import kl_to_uniform
+from stage1_dvae.quantizers import FiniteScalarQuantizer
+from stage1_dvae.quantizers.gumbel import kl_to_uniform, marginal_kl_to_uniform
 from tests.conftest import tiny_dvae_config
 
 
@@ -25,7 +26,7 @@ def reconstruction_psnr(model: DVAEModel, pixels: torch.Tensor) -> float:
     return psnr_from_mse(((reconstruction - pixels) / 2).pow(2).mean().item())
 
 
-@pytest.mark.parametrize("quantizer", ["gumbel", "vq"])
+@pytest.mark.parametrize("quantizer", ["gumbel", "vq", "fsq"])
 def test_quantizer_overfits_a_small_batch(quantizer: str, digit_pixels: torch.Tensor) -> None:
     pixels = digit_pixels[:8]
     model = DVAEModel(tiny_dvae_config(quantizer))
@@ -44,7 +45,7 @@ def test_quantizer_overfits_a_small_batch(quantizer: str, digit_pixels: torch.Te
 
 
 @pytest.mark.parametrize(
-    "quantizer, straight_through", [("gumbel", False), ("gumbel", True), ("vq", False)]
+    "quantizer, straight_through", [("gumbel", False), ("gumbel", True), ("vq", False), ("fsq", False)]
 )
 def test_gradients_reach_the_encoder(quantizer: str, straight_through: bool, digit_pixels: torch.Tensor) -> None:
     model = DVAEModel(tiny_dvae_config(quantizer, straight_through=straight_through))
@@ -67,7 +68,7 @@ def test_straight_through_gumbel_uses_hard_one_hots(digit_pixels: torch.Tensor) 
     assert picked.shape == embeddings.shape
 
 
-@pytest.mark.parametrize("quantizer", ["gumbel", "vq"])
+@pytest.mark.parametrize("quantizer", ["gumbel", "vq", "fsq"])
 @pytest.mark.parametrize("image_size, factor, multipliers", [(16, 2, [1, 2]), (24, 4, [1, 1, 2]), (32, 8, [1, 1, 2, 2])])
 def test_encode_decode_shapes_and_dtypes(quantizer: str, image_size: int, factor: int, multipliers: list[int]) -> None:
     config = tiny_dvae_config(
@@ -106,6 +107,70 @@ def test_kl_to_uniform_matches_hand_computation() -> None:
     assert kl_to_uniform(one_hot_logits).item() == pytest.approx(math.log(8), abs=1e-4)
 
 
+def test_marginal_kl_is_zero_when_codes_are_spread_and_log_k_when_one_code_wins() -> None:
+    spread = torch.full((4, 4, 1, 1), -1e4)
+    spread[torch.arange(4), torch.arange(4)] = 0  # each image certain of a different code
+    assert marginal_kl_to_uniform(spread).item() == pytest.approx(0.0, abs=1e-6)
+    assert kl_to_uniform(spread).item() == pytest.approx(math.log(4), abs=1e-4)  # per-position KL is maximal
+    collapsed = torch.full((4, 4, 1, 1), -1e4)
+    collapsed[:, 2] = 0
+    assert marginal_kl_to_uniform(collapsed).item() == pytest.approx(math.log(4), abs=1e-4)
+
+
+def fsq_pre_images(quantizer: FiniteScalarQuantizer) -> torch.Tensor:
+    """For every code, a latent [K, d] that `bound` maps exactly onto that code's grid point."""
+    grid = quantizer.codes_to_grid(torch.arange(quantizer.codebook_size))
+    levels = torch.tensor(quantizer.level_counts, dtype=torch.float64)
+    half_range = (levels - 1) * (1 + 1e-3) / 2
+    offset = (levels % 2 == 0).double() * 0.5
+    bounded = grid.double() * (levels // 2)  # the integer level, in (-half_range - offset, half_range - offset)
+    return (torch.atanh((bounded + offset) / half_range) - torch.atanh(offset / half_range)).float()
+
+
+def test_fsq_codes_round_trip_and_every_code_is_reachable() -> None:
+    quantizer = FiniteScalarQuantizer([8, 5, 5, 5], embedding_dim=16)
+    assert quantizer.codebook_size == 1000
+    codes = torch.arange(1000)
+    grid = quantizer.codes_to_grid(codes)
+    assert grid.shape == (1000, 4) and grid.min() >= -1 and grid.max() <= 1
+    assert torch.equal(quantizer.grid_to_codes(grid), codes)  # indices -> values -> indices
+    assert len({tuple(row) for row in grid.tolist()}) == 1000  # distinct grid points
+    # every code is the quantisation of some latent
+    assert torch.equal(quantizer.grid_to_codes(quantizer.quantize(fsq_pre_images(quantizer))), codes)
+
+
+def test_fsq_quantisation_is_idempotent_and_matches_decoding_from_codes() -> None:
+    quantizer = FiniteScalarQuantizer([8, 5, 5, 5], embedding_dim=16).eval()
+    z = torch.randn(512, 4) * 3
+    grid = quantizer.quantize(z)
+    # a quantised value is a grid point: mapping it to a code and back changes nothing
+    assert torch.equal(quantizer.codes_to_grid(quantizer.grid_to_codes(grid)), grid)
+    # and the grid points are a fixed set: quantising their own latents again gives them back
+    codes = quantizer.grid_to_codes(grid)
+    assert torch.equal(quantizer.quantize(fsq_pre_images(quantizer)[codes]), grid)
+    latents = torch.randn(2, 16, 3, 3)
+    output = quantizer(latents)
+    torch.testing.assert_close(quantizer.embed_codes(output.codes), output.embeddings)
+    assert torch.equal(quantizer.codes(latents), output.codes)
+    assert output.loss.item() == 0.0
+
+
+def test_fsq_straight_through_gradient_is_the_gradient_of_the_bound() -> None:
+    quantizer = FiniteScalarQuantizer([8, 5, 5], embedding_dim=16)
+    z = torch.randn(64, 3, requires_grad=True)
+    quantizer.quantize(z).sum().backward()
+    expected = torch.func.grad(lambda v: (quantizer.bound(v) / torch.tensor([4.0, 2.0, 2.0])).sum())(z.detach())
+    torch.testing.assert_close(z.grad, expected)
+    assert (z.grad > 0).all()  # tanh is increasing: no dead zones, unlike a rounded value
+
+
+def test_fsq_config_takes_its_codebook_size_from_the_levels() -> None:
+    config = DVAEConfig(quantizer="fsq", fsq_levels=[8, 6, 5], codebook_size=512)
+    assert config.codebook_size == 240
+    with pytest.raises(Exception, match="fsq_levels"):
+        DVAEConfig(quantizer="fsq", fsq_levels=[8, 1])
+
+
 def test_vq_codebook_initialises_with_kmeans_and_restarts_dead_codes() -> None:
     model = DVAEModel(tiny_dvae_config("vq", codebook_size=16, dead_code_threshold=0.5, ema_decay=0.5))
     quantizer = model.quantizer
@@ -137,7 +202,7 @@ def test_vq_ema_moves_codes_toward_their_vectors() -> None:
     assert after < 0.1 * before
 
 
-@pytest.mark.parametrize("quantizer", ["gumbel", "vq"])
+@pytest.mark.parametrize("quantizer", ["gumbel", "vq", "fsq"])
 def test_save_and_load_give_identical_outputs(quantizer: str, tmp_path, digit_pixels: torch.Tensor) -> None:
     model = DVAEModel(tiny_dvae_config(quantizer))
     model(digit_pixels)  # a training-mode pass: the VQ codebook gets its k-means init and EMA update

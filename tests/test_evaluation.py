@@ -17,17 +17,21 @@ from evaluation import (
     exact_copy_rate,
     frechet_distance,
     load_or_train_classifier,
+    load_or_train_scorer,
     near_copy_rate,
     prompt_adherence,
     train_classifier,
 )
 from pipelines import TextToImagePipeline
 from pipelines.text_to_image import TextToImageOutput
+from scorer import TextImageScorer
+from scorer.train import ScorerTrainConfig
 from stage1_dvae import DVAEModel
 from stage2_prior import PriorConfig, PriorModel
 from stage2_prior.text_tokenizer import train_text_tokenizer
 from tests.conftest import tiny_dvae_config
 from textimage_data import DataConfig, TextImageCollator, load_text_image_dataset
+from training.config import load_config
 
 QUICK = ClassifierConfig(steps=60)  # ~1 s on real 16x16 digits
 
@@ -41,6 +45,14 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def digits_classifier(cache_dir: Path) -> ImageClassifier:
     """Trained briefly on the real 16x16 digits, cached in `cache_dir`."""
     return load_or_train_classifier("digits", 16, QUICK, cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="module")
+def digits_scorer(cache_dir: Path) -> TextImageScorer:
+    """The evaluation scorer, trained for a few seconds (`configs/scorer/tiny.yaml`) on the real 16x16 digits."""
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "scorer" / "tiny.yaml"
+    config = load_config(ScorerTrainConfig, ["--config", str(tiny), "--progress", "false"])
+    return load_or_train_scorer("digits", 16, config=config, cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="module")
@@ -173,9 +185,11 @@ def test_classifier_learns_real_digits_and_its_cache_is_reused(
         load_or_train_classifier("cifar10", 16, QUICK, cache_dir=cache_dir)
 
 
-def test_evaluate_pipeline_end_to_end(pipe: TextToImagePipeline, digits_classifier: ImageClassifier) -> None:
+def test_evaluate_pipeline_end_to_end(
+    pipe: TextToImagePipeline, digits_classifier: ImageClassifier, digits_scorer: TextImageScorer
+) -> None:
     result = evaluate_pipeline(pipe, "digits", guidance_scales=(1.0, 3.0), max_prompts=6, batch_size=4,
-                               classifier=digits_classifier, progress=False)
+                               classifier=digits_classifier, scorer=digits_scorer, progress=False)
     assert json.loads(json.dumps(result)) == result
     assert result["num_prompts"] == 6 and result["image_size"] == 16 and set(result["guidance"]) == {"1.0", "3.0"}
     assert result["classifier_validation_accuracy"] > 0.8
@@ -185,18 +199,19 @@ def test_evaluate_pipeline_end_to_end(pipe: TextToImagePipeline, digits_classifi
         assert 0 <= metrics["adherence"] <= 1 and metrics["attribute_adherence"] == {"label": metrics["adherence"]}
         assert 0 <= metrics["near_copy_rate"] <= 1 and metrics["exact_copy_rate"] == 0.0  # untrained: noise
         assert result["real_frechet_distance"] < metrics["frechet_distance"] < math.inf
-    with pytest.raises(ValueError, match="digits, shapes"):
-        evaluate_pipeline(pipe, "cifar10", classifier=digits_classifier, progress=False)
+    with pytest.raises(ValueError, match="pass a classifier trained on 'shapes'"):
+        evaluate_pipeline(pipe, "shapes", classifier=digits_classifier, scorer=digits_scorer, progress=False)
     with pytest.raises(ValueError, match="max_prompts"):
         evaluate_pipeline(pipe, "digits", max_prompts=1, classifier=digits_classifier, progress=False)
 
 
 def test_a_pipeline_that_returns_training_images_is_all_copies(
-    pipe: TextToImagePipeline, digits_classifier: ImageClassifier
+    pipe: TextToImagePipeline, digits_classifier: ImageClassifier, digits_scorer: TextImageScorer
 ) -> None:
     train = load_text_image_dataset(DataConfig(source="digits", image_size=16))["train"]
     training_pixels = TextImageCollator(16)([train[i] for i in range(16)])["pixel_values"]
     result = evaluate_pipeline(CopyingPipeline(pipe, training_pixels), "digits", guidance_scales=(1.0,),
-                               max_prompts=16, batch_size=16, classifier=digits_classifier, progress=False)
+                               max_prompts=16, batch_size=16, classifier=digits_classifier, scorer=digits_scorer,
+                               progress=False)
     assert result["guidance"]["1.0"]["exact_copy_rate"] == 1.0
     assert result["guidance"]["1.0"]["near_copy_rate"] == 1.0

@@ -1,4 +1,5 @@
-"""TextToImagePipeline: save/load (directory and offline Hub cache), batched calls, output types."""
+"""TextToImagePipeline: save/load (directory and offline Hub cache), load errors naming the file, batched calls,
+output types, the model card, pushing to the Hub (with a Space)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import HfApi, ModelCard, SpaceCard
 from huggingface_hub.errors import OfflineModeIsEnabled
 from PIL import Image
 
 from pipelines import TextToImagePipeline
+from pipelines.text_to_image import PipelineLoadError
 from stage1_dvae import DVAEModel
 from stage2_prior import PriorConfig, PriorModel
 from stage2_prior.text_tokenizer import train_text_tokenizer
@@ -21,9 +23,8 @@ from tests.conftest import tiny_dvae_config
 from textimage_data import DataConfig, load_text_image_dataset
 
 
-@pytest.fixture(scope="module")
-def pipe() -> TextToImagePipeline:
-    """Tiny real components: a stage-1 tokenizer, a caption BPE and a prior sized to both."""
+def tiny_pipeline() -> TextToImagePipeline:
+    """Tiny real components (random weights): a stage-1 tokenizer, a caption BPE and a prior sized to both."""
     torch.manual_seed(0)
     captions = load_text_image_dataset(DataConfig(source="digits", image_size=16))["train"]["text"]
     tokenizer = train_text_tokenizer(captions, vocab_size=300, text_len=8)
@@ -33,6 +34,11 @@ def pipe() -> TextToImagePipeline:
         intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
     ))
     return TextToImagePipeline(vqvae=vqvae, prior=prior, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def pipe() -> TextToImagePipeline:
+    return tiny_pipeline()
 
 
 def generate(pipe: TextToImagePipeline, seed: int = 0) -> np.ndarray:
@@ -98,6 +104,56 @@ def test_incomplete_or_foreign_directories_fail_clearly(pipe: TextToImagePipelin
         TextToImagePipeline.from_pretrained(good / "prior")
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _set_json(path: Path, **values) -> None:
+    path.write_text(json.dumps(json.loads(path.read_text()) | values))
+
+
+@pytest.mark.parametrize(
+    ("broken", "damage", "problem"),
+    [
+        ("model_index.json", lambda path: path.write_text("{'_class_name': 1}"),
+         "not a valid JSON file: Expecting property name enclosed in double quotes: line 1 column 2"),
+        ("model_index.json", lambda path: path.write_text("[]"), "expected a JSON object, found a list"),
+        ("vqvae/config.json", lambda path: path.write_text('{"image_size": 16,'), "not a valid JSON file"),
+        ("prior/config.json", lambda path: _set_json(path, hidden_size="wide"),
+         "not a valid PriorConfig: Validation error for field 'hidden_size'"),
+        ("vqvae/model.safetensors", lambda path: path.write_bytes(b"not safetensors"),
+         "not a valid DVAEModel weights file for that config: Error while deserializing header"),
+        ("prior/model.safetensors", _truncate, "not a valid PriorModel weights file for that config"),
+        ("prior/model.safetensors", lambda path: _set_json(path.parent / "config.json", hidden_size=64),
+         "do not match the shapes its config.json describes"),
+        ("tokenizer/tokenizer.json", _truncate, "not a valid JSON file"),
+        ("tokenizer/tokenizer_config.json", lambda path: path.write_text("{"), "not a valid JSON file"),
+        ("tokenizer", lambda path: (path / "tokenizer.json").write_text("{}"), "not a valid tokenizer directory"),
+        ("README.md", lambda path: path.write_text("---\ndallekit: [unclosed\n---\n"),
+         "not a valid model card (its YAML metadata)"),
+    ],
+)
+def test_a_broken_file_is_named_with_what_is_wrong(
+    pipe: TextToImagePipeline, tmp_path: Path, broken: str, damage, problem: str,
+) -> None:
+    pipe.save_pretrained(tmp_path)
+    damage(tmp_path / broken)
+    with pytest.raises(PipelineLoadError) as caught:
+        TextToImagePipeline.from_pretrained(tmp_path)
+    assert caught.value.path == tmp_path / broken
+    assert str(caught.value).startswith(f"{tmp_path / broken}: ") and problem in str(caught.value)
+    assert "\n" not in str(caught.value)  # one line: the CLI and the page show it whole
+
+
+@pytest.mark.parametrize("missing", ["vqvae/model.safetensors", "prior/config.json", "tokenizer/tokenizer.json"])
+def test_a_missing_component_file_is_named(pipe: TextToImagePipeline, tmp_path: Path, missing: str) -> None:
+    pipe.save_pretrained(tmp_path)
+    (tmp_path / missing).unlink()
+    folder, filename = missing.split("/")
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / folder} has no {filename}"):
+        TextToImagePipeline.from_pretrained(tmp_path)
+
+
 def test_components_that_were_not_trained_together_are_rejected(pipe: TextToImagePipeline) -> None:
     other_prior = PriorModel(PriorConfig(
         text_vocab_size=len(pipe.tokenizer), text_len=8, image_vocab_size=128, image_grid_size=8, hidden_size=32,
@@ -121,36 +177,62 @@ def test_model_card_has_hub_metadata_and_survives_a_reload(pipe: TextToImagePipe
     assert all((tmp_path / "saved" / name).is_dir() for name in ("vqvae", "prior", "tokenizer") if name in index)
 
 
-def test_push_to_hub_uploads_the_saved_pipeline_as_one_commit(
-    pipe: TextToImagePipeline, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Everything up to the network: the repository it creates and the folder and message it uploads."""
-    calls: dict[str, dict] = {}
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, list[dict]]:
+    """Everything up to the network: `HfApi.create_repo` and `upload_folder` calls, each uploaded folder kept."""
+    calls: dict[str, list[dict]] = {"create_repo": [], "upload_folder": []}
 
     def create_repo(self, repo_id: str, **kwargs) -> str:
-        calls["create_repo"] = {"repo_id": repo_id, **kwargs}
+        calls["create_repo"].append({"repo_id": repo_id, **kwargs})
         return f"https://huggingface.co/{repo_id}"
 
-    def upload_folder(self, *, repo_id: str, folder_path: str, **kwargs) -> str:
-        folder = Path(folder_path)
-        calls["upload_folder"] = {"repo_id": repo_id, **kwargs,
-                                  "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()),
-                                  "card": (folder / "README.md").read_text()}
-        loaded = TextToImagePipeline.from_pretrained(folder)  # the uploaded folder is a complete pipeline
-        np.testing.assert_array_equal(generate(loaded), generate(pipe))
-        return "commit-info"
+    def upload_folder(self, *, repo_id: str, folder_path: str | Path, **kwargs) -> str:
+        kept = shutil.copytree(folder_path, tmp_path / "uploaded" / str(len(calls["upload_folder"])))
+        calls["upload_folder"].append({"repo_id": repo_id, "folder": kept, **kwargs})
+        return f"commit-{kwargs['repo_type']}"
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    assert pipe.push_to_hub("someone/tiny-dallekit", private=True) == "commit-info"
-    assert calls["create_repo"] == {"repo_id": "someone/tiny-dallekit", "private": True, "exist_ok": True,
-                                    "repo_type": "model"}
-    upload = calls["upload_folder"]
+    return calls
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
+
+
+def test_push_to_hub_uploads_the_saved_pipeline_as_one_commit(pipe: TextToImagePipeline, hub: dict) -> None:
+    assert pipe.push_to_hub("someone/tiny-dallekit", private=True) == "commit-model"
+    assert hub["create_repo"] == [{"repo_id": "someone/tiny-dallekit", "private": True, "exist_ok": True,
+                                   "repo_type": "model"}]
+    [upload] = hub["upload_folder"]
     assert upload["repo_id"] == "someone/tiny-dallekit" and upload["commit_message"].startswith("Upload TextToImagePipeline")
+    files = _files(upload["folder"])
     assert {"model_index.json", "README.md", "vqvae/model.safetensors", "vqvae/config.json",
-            "prior/model.safetensors", "prior/config.json", "tokenizer/tokenizer.json"} <= set(upload["files"])
-    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in upload["files"])
-    assert 'from_pretrained("someone/tiny-dallekit")' in upload["card"]
+            "prior/model.safetensors", "prior/config.json", "tokenizer/tokenizer.json"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    assert 'from_pretrained("someone/tiny-dallekit")' in (upload["folder"] / "README.md").read_text()
+    loaded = TextToImagePipeline.from_pretrained(upload["folder"])  # the uploaded folder is a complete pipeline
+    np.testing.assert_array_equal(generate(loaded), generate(pipe))
+
+
+def test_push_to_hub_with_a_space_adds_a_gradio_app_for_the_model(pipe: TextToImagePipeline, hub: dict) -> None:
+    """The Space's files; tests/test_serve.py runs its app.py."""
+    import gradio  # the web extra, which the tests install
+
+    assert pipe.push_to_hub("someone/tiny-dallekit", private=True, space_id="someone/try-tiny") == "commit-model"
+    assert hub["create_repo"][1] == {"repo_id": "someone/try-tiny", "private": True, "exist_ok": True,
+                                     "repo_type": "space", "space_sdk": "gradio"}
+    model, space = hub["upload_folder"]
+    assert model["repo_type"] == "model" and space["repo_id"] == "someone/try-tiny" and space["repo_type"] == "space"
+    assert "https://huggingface.co/spaces/someone/try-tiny" in (model["folder"] / "README.md").read_text()
+    assert {"app.py", "requirements.txt", "README.md", "pipelines/web.py", "stage2_prior/modeling_prior.py",
+            "stage1_dvae/__init__.py"} <= _files(space["folder"])
+    card = SpaceCard.load(space["folder"] / "README.md").data
+    assert (card.sdk, card.sdk_version, card.app_file, card.models) == (
+        "gradio", gradio.__version__, "app.py", ["someone/tiny-dallekit"])
+    assert "load_app('someone/tiny-dallekit', revision=None)" in (space["folder"] / "app.py").read_text()
+    requirements = (space["folder"] / "requirements.txt").read_text().split()
+    assert any(line.startswith("torch") for line in requirements) and not any("pytest" in line for line in requirements)
 
 
 def test_push_to_hub_offline_fails_before_uploading(pipe: TextToImagePipeline) -> None:

@@ -313,5 +313,5 @@ def test_help_lists_every_key_with_its_default(capsys) -> None:
     run_from_command_line(Stage1Config, train, ["--help"])
     usage = capsys.readouterr().out
     assert "--training.learning_rate  (float, default 0.001)" in usage
-    assert "--model.quantizer  (one of 'gumbel', 'vq', default 'gumbel')" in usage
+    assert "--model.quantizer  (one of 'gumbel', 'vq', 'fsq', default 'gumbel')" in usage
     assert "return_dict" not in usage  # transformers' own config fields are not ours to set

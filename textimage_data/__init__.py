@@ -1,9 +1,12 @@
-"""Captioned-image data shared by both stages: built-in datasets, local/Hub loading, transforms."""
+"""Captioned-image data shared by both stages: built-in datasets, local/Hub loading, transforms.
+
+The `emoji` dataset and its licence constants live in `textimage_data.emoji` (imported on use).
+"""
 
 from .config import AugmentationConfig, DataConfig
 from .digits import make_digits_dataset
 from .shapes import draw_shape, make_shapes, make_shapes_dataset, parse_shape_caption, shape_caption
-from .sources import BUILTIN_DATASETS, load_text_image_dataset
+from .sources import BUILTIN_DATASETS, load_text_image_dataset, training_captions
 from .transforms import (
     ImageTransform,
     TextImageCollator,
@@ -32,4 +35,5 @@ __all__ = [
     "shape_caption",
     "shift_and_scale",
     "to_rgb",
+    "training_captions",
 ]

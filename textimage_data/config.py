@@ -1,13 +1,17 @@
 """Configuration of the captioned-image data both stages train on."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import emoji
+
+CAPTION_LANGUAGES: tuple[str, ...] = tuple(emoji.LANGUAGES)  # the languages of the emoji package's CLDR names
 
 
 @dataclass
 class DataConfig:
     """Where the captioned images come from and how they are split.
 
-    `source` is a built-in dataset name (`"digits"`, `"shapes"`), a local folder (the
+    `source` is a built-in dataset name (`"digits"`, `"shapes"`, `"emoji"`), a local folder (the
     `datasets` imagefolder convention: images plus `metadata.jsonl`/`metadata.csv` with
     `file_name` and caption columns) or anything else `datasets.load_dataset` accepts (a Hub
     dataset id, a local directory of parquet/csv/json files).
@@ -20,18 +24,31 @@ class DataConfig:
     image_size: int = 32  # side of the square training images; built-ins are drawn at it
     image_column: str = "image"  # source column names, renamed to `image` and `text`
     text_column: str = "text"
+    # a column of several captions per image (list of strings), kept as `captions` when the source has it
+    captions_column: str | None = "captions"
     train_split: str = "train"
     validation_split: str = "validation"
     validation_fraction: float = 0.1  # share of train held out when validation_split is absent
     seed: int = 0  # seed of that held-out split
     streaming: bool = False  # return IterableDataset splits
     num_shapes: int = 2000  # size of the built-in `shapes` dataset
+    # built-in `emoji`: the CLDR name languages; the first gives `text`, all of them `captions`
+    caption_languages: list[str] = field(default_factory=lambda: ["en"])
     max_examples: int | None = None  # cap on the train split, for quick runs
 
     def __post_init__(self) -> None:
         for name in ("source", "image_column", "text_column", "train_split", "validation_split"):
             value = getattr(self, name)
             _require(isinstance(value, str) and value != "", name, value, "a non-empty string")
+        other_columns = ("", self.image_column, self.text_column)
+        _require(
+            self.captions_column is None
+            or (isinstance(self.captions_column, str) and self.captions_column not in other_columns),
+            "captions_column",
+            self.captions_column,
+            "None (one caption per image) or the name of a column of caption lists other than the image and "
+            "text columns, e.g. 'captions'",
+        )
         _require(
             self.image_column != self.text_column,
             "text_column",
@@ -64,6 +81,8 @@ class DataConfig:
             self.num_shapes,
             "an integer >= 10, so that the 10% validation split is not empty",
         )
+        if (error := caption_languages_error(self.caption_languages)) is not None:
+            raise ValueError(f"DataConfig.{error}")
         _require(
             self.max_examples is None or (_is_int(self.max_examples) and self.max_examples > 0),
             "max_examples",
@@ -98,6 +117,21 @@ class AugmentationConfig:
                  "0, or raise max_translation or max_scale_change so that the copies differ from the originals",
                  owner)
         _require(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "a non-negative integer", owner)
+
+
+def caption_languages_error(languages: object) -> str | None:
+    """Why `languages` is not a usable `caption_languages` value, or None when it is."""
+    if (
+        isinstance(languages, (list, tuple))
+        and languages
+        and all(isinstance(code, str) and code in CAPTION_LANGUAGES for code in languages)
+        and len(set(languages)) == len(languages)
+    ):
+        return None
+    return (
+        f"caption_languages={languages!r} is invalid: set it to a non-empty list of distinct language "
+        f"codes of the emoji package's CLDR names, from {', '.join(CAPTION_LANGUAGES)}; e.g. ['en', 'es']."
+    )
 
 
 def _is_number(value: object) -> bool:

@@ -1,4 +1,5 @@
-"""Load any configured source as `train`/`validation` splits with `image` and `text` columns."""
+"""Load any configured source as `train`/`validation` splits with `image` and `text` columns
+(and `captions`, several per image, where the source has them)."""
 
 import hashlib
 import logging
@@ -21,15 +22,23 @@ Split = datasets.Dataset | datasets.IterableDataset
 BUILTIN_DATASETS: dict[str, Callable[[DataConfig], datasets.DatasetDict]] = {
     "digits": lambda config: make_digits_dataset(config.image_size),
     "shapes": lambda config: make_shapes_dataset(config.num_shapes, config.image_size),
+    "emoji": lambda config: _make_emoji_dataset(config.image_size, config.caption_languages),
 }
+
+
+def _make_emoji_dataset(image_size: int, languages: list[str]) -> datasets.DatasetDict:
+    from .emoji import make_emoji_dataset  # imported on use: `python -m textimage_data.emoji` runs it as __main__
+
+    return make_emoji_dataset(image_size, languages)
 
 
 def load_text_image_dataset(config: DataConfig) -> Splits:
     """`train` and `validation` splits of `config.source` with columns `image` and `text`.
 
     `image` holds undecoded `{"bytes", "path"}` values (`datasets.Image(decode=False)`):
-    decoding, and skipping unreadable files, is the collator's job. Built-in datasets also
-    carry a `label` column. Streaming returns an `IterableDatasetDict`.
+    decoding, and skipping unreadable files, is the collator's job. `digits` and `shapes` also
+    carry a `label` column; `emoji` carries `captions` and structured columns, and so does a
+    source with a `config.captions_column`. Streaming returns an `IterableDatasetDict`.
     """
     if config.source in BUILTIN_DATASETS:
         splits = BUILTIN_DATASETS[config.source](config)
@@ -90,7 +99,8 @@ def _check_source_exists(source: str) -> None:
 
 
 def _standardise(split: Split, config: DataConfig) -> Split:
-    """Keep only the image and text columns, named `image` and `text`, images left undecoded."""
+    """Keep only the image and text columns, named `image` and `text`, images left undecoded, and
+    the captions column, named `captions`, when the source has one."""
     columns = split.column_names
     missing = [name for name in (config.image_column, config.text_column) if name not in columns]
     if missing:
@@ -98,11 +108,34 @@ def _standardise(split: Split, config: DataConfig) -> Split:
             f"Column(s) {missing} not found in {config.source!r}; available columns: {columns}. "
             "Set image_column and text_column to the names of the image and caption columns."
         )
+    renames = {config.image_column: "image", config.text_column: "text"}
+    if config.captions_column in columns:
+        _check_caption_lists(split, config)
+        renames[config.captions_column] = "captions"
     # cast before anything else: a stream decodes with the features it had at each step
     split = split.cast_column(config.image_column, datasets.Image(decode=False))
-    split = split.select_columns([config.image_column, config.text_column])
-    renames = {config.image_column: "image", config.text_column: "text"}
+    split = split.select_columns(list(renames))
     return split.rename_columns({old: new for old, new in renames.items() if old != new})
+
+
+def _check_caption_lists(split: Split, config: DataConfig) -> None:
+    """Raise unless the captions column holds lists of strings (unknown types of a stream pass)."""
+    feature = split.features[config.captions_column] if split.features else None
+    if feature is None or (
+        isinstance(feature, (datasets.List, datasets.LargeList)) and feature.feature == datasets.Value("string")
+    ):
+        return
+    raise ValueError(
+        f"Column captions_column={config.captions_column!r} of {config.source!r} holds {feature}, not lists of "
+        "strings: give each image a list of captions there, or set captions_column to None to ignore it."
+    )
+
+
+def training_captions(split: datasets.Dataset) -> list[str]:
+    """Every caption a model trained on `split` sees: each entry of `captions` when it has them, else `text`."""
+    if "captions" in split.column_names:
+        return [caption for captions in split["captions"] for caption in captions]
+    return list(split["text"])
 
 
 def _carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:

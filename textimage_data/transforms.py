@@ -1,4 +1,4 @@
-"""Image decoding, RGB conversion, shift/scale augmentation, and the collator turning captioned images into tensors."""
+"""Image decoding, RGB conversion, shift/scale augmentation (PIL images and tensor batches), and the collator turning captioned images into tensors."""
 
 import logging
 import os
@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,20 @@ def random_shift_and_scale(
     scale = rng.uniform(1 - max_scale_change, 1 + max_scale_change)
     dx, dy = rng.uniform(-max_translation, max_translation, size=2)
     return shift_and_scale(image, (float(dx), float(dy)), float(scale))
+
+
+def random_shift(pixel_values: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image [B, C, H, W] by a whole number of pixels in [-max_shift, max_shift], edges repeated.
+
+    The shifts are drawn on `generator`'s device, the images moved on theirs.
+    """
+    batch, _, height, width = pixel_values.shape
+    shift = torch.randint(-max_shift, max_shift + 1, (batch, 2), generator=generator, device=generator.device)
+    theta = torch.eye(2, 3, device=pixel_values.device).repeat(batch, 1, 1)
+    # affine grids span [-1, 1]: a pixel is 2/size
+    theta[:, :, 2] = shift.to(pixel_values.device) * 2 / torch.tensor([width, height], device=pixel_values.device)
+    grid = F.affine_grid(theta, list(pixel_values.shape), align_corners=False)
+    return F.grid_sample(pixel_values, grid, padding_mode="border", align_corners=False)
 
 
 class ImageTransform:

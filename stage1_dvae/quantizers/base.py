@@ -15,6 +15,7 @@ class QuantizerOutput:
     codes: torch.Tensor  # [B, h, w] int64
     loss: torch.Tensor  # KL to uniform (gumbel; the model weights it) or beta * commitment (vq), scalar
     perplexity: torch.Tensor  # exp(entropy) of the batch's code histogram, scalar
+    marginal_kl: torch.Tensor | None = None  # gumbel: KL(batch-averaged q || Uniform(K)), the codebook-usage part
 
 
 def code_perplexity(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
