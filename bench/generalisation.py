@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation import evaluate_pipeline, load_or_train_classifier  # noqa: E402
 from pipelines import TextToImagePipeline  # noqa: E402
-from pipelines.demo import DEMO_CONFIGS  # noqa: E402
+from pipelines.train import RECIPES  # noqa: E402
 from stage1_dvae import DVAEModel  # noqa: E402
 from stage1_dvae.train import Stage1Config  # noqa: E402
 from stage1_dvae.train import train as train_stage1  # noqa: E402
@@ -58,7 +58,7 @@ def stage1_model(args: argparse.Namespace) -> Path:
         return Path(args.stage1_model)
     model_dir = args.output_dir / "stage1" / "model"
     if not model_dir.is_dir():
-        train_stage1(load_config(Stage1Config, ["--config", str(DEMO_CONFIGS[0]), "--output_dir",
+        train_stage1(load_config(Stage1Config, ["--config", str(RECIPES[32].stage1), "--output_dir",
                                                 str(args.output_dir / "stage1"), "--progress", "false"]))
     return model_dir
 
@@ -67,7 +67,7 @@ def run_variant(name: str, args: argparse.Namespace, stage1_dir: Path) -> list[d
     """Train one variant with a checkpoint every `point_every` steps, then evaluate each checkpoint."""
     output_dir = args.output_dir / name
     config = load_config(Stage2Config, [
-        "--config", str(DEMO_CONFIGS[1]), "--stage1_model", str(stage1_dir), "--output_dir", str(output_dir),
+        "--config", str(RECIPES[32].stage2), "--stage1_model", str(stage1_dir), "--output_dir", str(output_dir),
         "--max_steps", str(args.max_steps), "--checkpointing_steps", str(args.point_every),
         "--checkpoints_total_limit", "null", "--early_stopping_patience", "null", "--select_best", "false",
         "--image_every", str(args.max_steps), "--progress", "false", *VARIANTS[name],

@@ -1,25 +1,40 @@
 """Benchmark the stage-2 prior: training throughput against the machine's matmul peak, sampling speed.
 
     python bench/stage2.py [--config configs/prior/digits.yaml] [--train_steps 30] [--device cuda]
+                           [--measurements pipeline sampling train] [--pipeline_batches 8 100] [--compile]
 
-Prints one JSON object per measurement:
-- `train`: tokens/s of the prior's training step and its achieved FLOP/s as a share of the
-  matmul FLOP/s measured in the same run (same dtype and device); target >= 60% on CPU.
+Prints one JSON object per measurement, each naming the CPU (`lscpu`) and the machine's load:
+- `pipeline`: `TextToImagePipeline` calls from prompts to decoded PIL images on the demo's shapes
+  (`configs/dvae/demo.yaml`, `configs/prior/demo.yaml`, random weights: the same cost as trained
+  ones), one prior call of `batch_size` sequences, unguided and at guidance 3: images/s (median of
+  `--repeats`), the share of the call spent in `vqvae.decode`, and the prior's `generate` alone in
+  its default precision and in fp32. With `--compile`, also after `prior.decoder.compile()`, and the
+  compile time. Target (issue 12): >= 100 images/s at batch 8 and >= 300 at batch 100, unguided.
 - `sampling`: images/s with and without the KV cache and with guidance, for the config's grid
   (digits: 64 image tokens) and for a 16x16 grid (256 image tokens); targets: cache >= 5x faster
   than no cache at 256 tokens, guidance <= 2.2x the unguided time.
+- `train`: tokens/s of the prior's training step and its achieved FLOP/s as a share of the
+  matmul FLOP/s measured in the same run (same dtype and device); target >= 60% on CPU.
 - peak RSS after each phase (and peak GPU memory on CUDA).
 
 The device defaults to the accelerator when there is one; `auto` precision means bf16 there.
+Sampling runs in `generate`'s default precision: bf16 autocast on CPUs with native bf16.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
+import os
+import platform
 import resource
+import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,11 +42,27 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipelines import TextToImagePipeline  # noqa: E402
+from stage1_dvae import DVAEModel  # noqa: E402
+from stage1_dvae.train import Stage1Config  # noqa: E402
 from stage2_prior import PriorConfig, PriorModel  # noqa: E402
+from stage2_prior.text_tokenizer import encode_captions, train_text_tokenizer  # noqa: E402
 from stage2_prior.train import Stage2Config  # noqa: E402
-from training.accelerator import resolve_mixed_precision  # noqa: E402
+from textimage_data import DataConfig, load_text_image_dataset  # noqa: E402
+from training.accelerator import cpu_supports_fast_bf16, resolve_mixed_precision  # noqa: E402
 from training.config import TrainingConfig, load_config  # noqa: E402
 from training.optim import create_optimizer  # noqa: E402
+
+
+def machine() -> dict:
+    """The CPU's name (`lscpu`), its threads in use, whether it has native bf16, and the 1-minute load average."""
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name:"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        name = platform.processor() or "unknown"
+    return {"cpu": name, "threads": torch.get_num_threads(), "cpu_bf16": cpu_supports_fast_bf16(),
+            "load_average": round(os.getloadavg()[0], 2)}
 
 
 def memory_figures(device: torch.device) -> dict:
@@ -132,12 +163,82 @@ def bench_sampling(config: PriorConfig, batch_size: int, device: torch.device) -
     }
 
 
+def demo_pipeline(device: torch.device) -> TextToImagePipeline:
+    """The demo's VQ-VAE, caption BPE and prior at their trained shapes, with random weights (the same cost)."""
+    torch.manual_seed(0)
+    vqvae = DVAEModel(load_config(Stage1Config, ["--config", str(ROOT / "configs" / "dvae" / "demo.yaml")]).model)
+    run = load_config(Stage2Config, ["--config", str(ROOT / "configs" / "prior" / "demo.yaml")])
+    captions = load_text_image_dataset(run.data)["train"]["text"]
+    tokenizer = train_text_tokenizer(captions, run.model.text_vocab_size, run.model.text_len)
+    config = run.model
+    config.image_vocab_size, config.image_grid_size = vqvae.config.codebook_size, vqvae.config.latent_size
+    return TextToImagePipeline(vqvae=vqvae, prior=PriorModel(config), tokenizer=tokenizer).to(device)
+
+
+def median_seconds(calls: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median wall time of each call, the calls interleaved `repeats` times after one warm-up round."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_index in range(repeats + 1):
+        for name, call in calls.items():
+            synchronize(device)
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            if round_index:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
+def bench_pipeline(batch_sizes: list[int], repeats: int, compile: bool, device: torch.device) -> list[dict]:
+    """Prompt-to-image throughput of the demo-shaped pipeline, its decoder's share, and the prior alone."""
+    pipe = demo_pipeline(device)
+    compiled = None
+    if compile:
+        compiled = copy.copy(pipe)
+        compiled.prior = copy.deepcopy(pipe.prior)
+        compiled.prior.decoder.compile()
+    captions = load_text_image_dataset(DataConfig(source="digits", image_size=32))["validation"]["text"]
+    results = []
+    for batch_size, guidance_scale in itertools.product(batch_sizes, (1.0, 3.0)):
+        prompts = [captions[i % len(captions)] for i in range(batch_size)]
+        text_ids = encode_captions(pipe.tokenizer, prompts, pipe.prior.config.text_len).to(device)
+        codes = pipe.prior.generate(text_ids)
+
+        def draw(pipeline: TextToImagePipeline) -> object:
+            return pipeline(prompts, guidance_scale=guidance_scale, batch_size=batch_size, progress=False,
+                            generator=torch.Generator().manual_seed(0))
+
+        calls = {
+            "pipeline": lambda: draw(pipe),
+            "decode": lambda: pipe.vqvae.decode(codes),
+            "generate": lambda: pipe.prior.generate(text_ids, guidance_scale=guidance_scale),
+            "generate_fp32": lambda: pipe.prior.generate(text_ids, guidance_scale=guidance_scale, mixed_precision="no"),
+        }
+        result = {"benchmark": "stage2", "measurement": "pipeline", "device": str(device), **machine(),
+                  "batch_size": batch_size, "guidance_scale": guidance_scale}
+        if compiled is not None:
+            start = time.perf_counter()
+            draw(compiled)  # compiles for this number of sequences (the prompt, then the one-token step)
+            result["compile_seconds"] = round(time.perf_counter() - start, 1)
+            calls["pipeline_compiled"] = lambda: draw(compiled)
+        seconds = median_seconds(calls, repeats, device)
+        result |= {f"images_per_second_{name}": round(batch_size / value, 1) for name, value in seconds.items()}
+        result["decode_share"] = round(seconds["decode"] / seconds["pipeline"], 3)
+        results.append(result | memory_figures(device))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "prior" / "digits.yaml"))
     parser.add_argument("--train_steps", type=int, default=30)
     parser.add_argument("--sample_batch", type=int, default=16)
     parser.add_argument("--device", default=None, help="default: the accelerator if there is one, else cpu")
+    parser.add_argument("--measurements", nargs="+", choices=["pipeline", "sampling", "train"],
+                        default=["pipeline", "sampling", "train"])
+    parser.add_argument("--pipeline_batches", type=int, nargs="+", default=[8, 100])
+    parser.add_argument("--repeats", type=int, default=5, help="timed pipeline calls per figure (median)")
+    parser.add_argument("--compile", action="store_true", help="also time the pipeline after prior.decoder.compile()")
     args = parser.parse_args()
     accelerator = torch.accelerator.current_accelerator()
     device = torch.device(args.device or (accelerator.type if accelerator is not None else "cpu"))
@@ -146,12 +247,17 @@ def main() -> None:
     config.text_vocab_size = 331  # what the BPE reaches on the digits captions
     config.image_vocab_size, config.image_grid_size = 128, 8
     precision = resolve_mixed_precision(run.training.mixed_precision, use_cpu=device.type == "cpu")
-    for result in (
-        bench_sampling(config, args.sample_batch, device),
-        bench_sampling(PriorConfig(**{**config.to_diff_dict(), "image_grid_size": 16}), args.sample_batch, device),
-        bench_training(config, run.training.batch_size, args.train_steps, precision, run.training.compile, device),
-    ):
-        print(json.dumps(result), flush=True)
+    if "pipeline" in args.measurements:
+        for result in bench_pipeline(args.pipeline_batches, args.repeats, args.compile, device):
+            print(json.dumps(result), flush=True)
+    if "sampling" in args.measurements:
+        for grid in (8, 16):
+            sampling_config = PriorConfig(**{**config.to_diff_dict(), "image_grid_size": grid})
+            print(json.dumps(bench_sampling(sampling_config, args.sample_batch, device) | machine()), flush=True)
+    if "train" in args.measurements:
+        training = run.training
+        result = bench_training(config, training.batch_size, args.train_steps, precision, training.compile, device)
+        print(json.dumps(result | machine()), flush=True)
 
 
 if __name__ == "__main__":

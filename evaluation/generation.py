@@ -9,6 +9,7 @@ Fréchet distance in its feature space); plus memorisation as exact copies of tr
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -20,8 +21,7 @@ from evaluation.classifier import ImageClassifier, class_columns, classify, load
 from evaluation.metrics import exact_copy_rate, frechet_distance, near_copy_rate, prompt_adherence
 from evaluation.scorer_metrics import judge_images, load_or_train_scorer
 from scorer import TextImageScorer
-from scorer.train import decode_pairs
-from textimage_data import DataConfig, load_text_image_dataset
+from textimage_data import DataConfig, decode_pairs, load_text_image_dataset
 
 if TYPE_CHECKING:
     from pipelines import TextToImagePipeline
@@ -30,25 +30,29 @@ if TYPE_CHECKING:
 @torch.no_grad()
 def evaluate_pipeline(
     pipe: TextToImagePipeline,
-    dataset: str = "digits",
+    dataset: str | DataConfig = "digits",
     guidance_scales: Sequence[float] = (1.0, 3.0, 5.0),
     seed: int = 0,
     batch_size: int = 64,
     max_prompts: int | None = None,
+    num_candidates: int = 1,
     classifier: ImageClassifier | None = None,
     scorer: TextImageScorer | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Generation metrics of `pipe` on `dataset` per guidance scale, JSON-serialisable.
 
-    `dataset` is any `DataConfig.source` (a built-in name, a caption folder, a Hub id). Prompts are
-    its validation captions (the first `max_prompts`, or all), one image each; every scale samples
+    `dataset` is any `DataConfig.source` (a built-in name, a caption folder, a Hub id), or a whole
+    `DataConfig` (e.g. with `caption_languages`; its image size is the pipeline's). Prompts are
+    its validation captions (the first `max_prompts`, or all), one image each (the best of
+    `num_candidates` by the pipeline's own scorer, `pipe.scorer`, when more than one); every scale samples
     with a generator seeded by `seed`. The scorer is `load_or_train_scorer(dataset, image_size)`
     (the evaluation scorer, never a reranking one) unless given; the classifier, for a dataset with
     class-label columns (digits, shapes) only, is `load_or_train_classifier(dataset, image_size)`
     unless given. Returns::
 
-        {"dataset", "image_size", "num_prompts", "seed", "seconds",
+        {"dataset", "image_size", "num_prompts", "num_candidates", "seed", "seconds",
+         "sampling_seconds": {"3.0": seconds in the pipeline's calls (drawing, decoding, reranking), ...},
          "real_r_precision": R-precision of the real validation images (the ceiling),
          "real_clip_score": their CLIPScore-style similarity to their captions,
          "real_scorer_frechet_distance": real train vs real validation scorer features (a floor),
@@ -56,6 +60,7 @@ def evaluate_pipeline(
          "classifier_validation_accuracy": all attributes right, on the real validation images (the ceiling),
          "classifier_attribute_accuracy": {attribute: accuracy},
          "real_frechet_distance": real train vs real validation features (a floor for the FDs below),
+         # in the classifier's feature space with class labels, else in the scorer's:
          "near_copy_threshold": p5 of validation-to-nearest-training feature distances,
          "real_nearest_train_distance": {"p5", "p50", "p95"} of those distances,
          "guidance": {"3.0": {"r_precision": share of images whose prompt beats 99 other held-out captions,
@@ -66,6 +71,7 @@ def evaluate_pipeline(
                               "adherence": share with every prompted attribute recognised,
                               "attribute_adherence": {attribute: share},
                               "frechet_distance": generated vs real validation classifier features,
+                              # classifier features with class labels, else scorer features:
                               "near_copy_rate": share within the near-copy threshold of a training image
                                                 (about 0.05 for novel images),
                               "nearest_train_distance": {"p5", "p50", "p95"}}, ...}}
@@ -80,7 +86,10 @@ def evaluate_pipeline(
         )
     start = time.perf_counter()
     image_size = pipe.vqvae.config.image_size
-    splits = load_text_image_dataset(DataConfig(source=dataset, image_size=image_size))
+    data = dataset if isinstance(dataset, DataConfig) else DataConfig(source=dataset)
+    data = dataclasses.replace(data, image_size=image_size)
+    dataset = data.source
+    splits = load_text_image_dataset(data)
     classes = class_columns(splits["train"])
     if classifier is not None and classifier.num_classes != classes:
         raise ValueError(
@@ -90,22 +99,24 @@ def evaluate_pipeline(
     if classes and classifier is None:
         classifier = load_or_train_classifier(dataset, image_size)
     if scorer is None:
-        scorer = load_or_train_scorer(dataset, image_size)
+        scorer = load_or_train_scorer(data, image_size)
     if scorer.model.config.image_size != image_size:
         raise ValueError(
             f"the scorer reads {scorer.model.config.image_size}px images but the pipeline makes {image_size}px ones: "
             f"pass a scorer trained at {image_size}px, or none"
         )
-    train_pixels, _ = decode_pairs(splits["train"], image_size)
-    validation_pixels, validation_texts = decode_pairs(splits["validation"], image_size)
+    train_pixels = decode_pairs(splits["train"], image_size).pixel_values
+    validation_pixels, validation_texts, _ = decode_pairs(splits["validation"], image_size)
     device = next(pipe.vqvae.parameters()).device
     train_codes = torch.cat([pipe.vqvae.encode(batch.to(device)).cpu() for batch in train_pixels.split(batch_size)])
     real_scores, validation_scorer_features = judge_images(
         scorer, validation_pixels, validation_texts, validation_texts, seed)
     real = {f"real_{name}": value for name, value in real_scores.items()}
-    real["real_scorer_frechet_distance"] = frechet_distance(scorer.image_features(train_pixels),
-                                                            validation_scorer_features)
-    if classifier is not None:
+    train_scorer_features = scorer.image_features(train_pixels)
+    real["real_scorer_frechet_distance"] = frechet_distance(train_scorer_features, validation_scorer_features)
+    if classifier is None:  # near copies in the scorer's feature space instead of the classifier's
+        train_features, validation_features = train_scorer_features, validation_scorer_features
+    else:
         validation_targets = {name: torch.tensor(splits["validation"][name]) for name in classes}  # built-ins decode
         train_features, _ = classify(classifier, train_pixels)
         validation_features, validation_predictions = classify(classifier, validation_pixels)
@@ -115,16 +126,18 @@ def evaluate_pipeline(
     prompts = validation_texts[:num_prompts]
     batches = range(0, num_prompts, batch_size)
     bar = tqdm(total=len(guidance_scales) * len(batches), desc="evaluating", unit="batch", disable=not progress)
-    per_scale = {}
+    per_scale, sampling_seconds = {}, {}
     for scale in guidance_scales:
         generator = torch.Generator(pipe.device).manual_seed(seed)
         images, codes = [], []
+        sampling_start = time.perf_counter()
         for first in batches:
             output = pipe(prompts[first : first + batch_size], guidance_scale=scale, generator=generator,
-                          output_type="pt", progress=False)
+                          num_candidates=num_candidates, output_type="pt", progress=False)
             images.append(output.images)
             codes.append(output.codes.cpu())
             bar.update()
+        sampling_seconds[str(float(scale))] = time.perf_counter() - sampling_start
         images = torch.cat(images)
         metrics = {}
         if classifier is not None:
@@ -140,18 +153,22 @@ def evaluate_pipeline(
                 "nearest_train_distance": copies["generated_to_train"],
             }
         scores, scorer_features = judge_images(scorer, images, prompts, validation_texts, seed)
+        if classifier is None:
+            copies = near_copy_rate(scorer_features, train_features, validation_features)
+            metrics = {"near_copy_rate": copies["near_copy_rate"], "nearest_train_distance": copies["generated_to_train"]}
         per_scale[str(float(scale))] = metrics | scores | {
             "scorer_frechet_distance": frechet_distance(scorer_features, validation_scorer_features),
             "exact_copy_rate": exact_copy_rate(torch.cat(codes), train_codes),
         }
     bar.close()
-    result = {"dataset": dataset, "image_size": image_size, "num_prompts": num_prompts, "seed": seed}
+    result = {"dataset": dataset, "image_size": image_size, "num_prompts": num_prompts,
+              "num_candidates": num_candidates, "seed": seed}
     if classifier is not None:
         result |= {
             "classifier_validation_accuracy": ceiling.pop("all"),
             "classifier_attribute_accuracy": ceiling,
             "real_frechet_distance": frechet_distance(train_features, validation_features),
-            "near_copy_threshold": copies["threshold"],
-            "real_nearest_train_distance": copies["validation_to_train"],
         }
-    return result | real | {"guidance": per_scale, "seconds": time.perf_counter() - start}
+    result |= {"near_copy_threshold": copies["threshold"], "real_nearest_train_distance": copies["validation_to_train"]}
+    return result | real | {"guidance": per_scale, "sampling_seconds": sampling_seconds,
+                            "seconds": time.perf_counter() - start}

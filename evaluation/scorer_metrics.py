@@ -37,15 +37,16 @@ from accelerate.state import AcceleratorState, GradientState, is_initialized
 from evaluation.classifier import default_cache_dir
 from scorer import TextImageScorer, top_k_hits, unique_captions
 from scorer.train import ScorerTrainConfig, train
-from textimage_data import load_text_image_dataset
+from textimage_data import DataConfig, load_text_image_dataset
 from training.checkpointing import write_directory
-from training.config import to_dict
+from training.config import load_config, to_dict
 
 logger = logging.getLogger(__name__)
 
 EVALUATION_SEED = 1234  # the evaluation scorer's seed; a reranking scorer trains with its config's (0 by default)
 NUM_DISTRACTORS = 99  # R-precision ranks the prompt among itself and 99 other captions
 CLIP_SCORE_WEIGHT = 2.5
+SCORER_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "scorer"
 CACHE_FORMAT = 1  # part of the cache key: bump when the scorer's architecture or training loop changes
 
 
@@ -93,7 +94,9 @@ def judge_images(
     """`r_precision` and `clip_score` of images [N, 3, S, S] against their prompts, and their scorer features [N, D].
 
     R-precision draws its distractors from `reference_captions` (the held-out captions) with a
-    generator seeded by `seed`, so equal prompts and seeds draw the same distractors.
+    generator seeded by `seed`, so equal prompts and seeds draw the same distractors; a held-out
+    split with fewer than 100 distinct captions gives fewer distractors (`r_precision_distractors`,
+    chance is 1 / (distractors + 1)).
     """
     if len(prompts) != len(pixel_values):
         raise ValueError(
@@ -104,8 +107,14 @@ def judge_images(
     features = scorer.image_features(pixel_values)
     similarity = features @ scorer.text_features(captions).T
     generator = torch.Generator().manual_seed(seed)
+    others = (pool_index.unsqueeze(0) != prompt_index.unsqueeze(1)).sum(dim=1)
+    distractors = min(NUM_DISTRACTORS, int(others.min()))
+    if distractors < NUM_DISTRACTORS:
+        logger.warning("only %d held-out captions differ from some prompt: R-precision ranks among %d captions, "
+                       "not %d", distractors, distractors + 1, NUM_DISTRACTORS + 1)
     metrics = {
-        "r_precision": r_precision(similarity, prompt_index, pool_index, generator=generator),
+        "r_precision": r_precision(similarity, prompt_index, pool_index, distractors, generator=generator),
+        "r_precision_distractors": distractors,
         "clip_score": clip_score(similarity.gather(1, prompt_index.unsqueeze(1)).squeeze(1)),
     }
     return metrics, features
@@ -128,7 +137,7 @@ def _process_state_kept() -> Iterator[None]:
 
 
 def load_or_train_scorer(
-    dataset: str,
+    dataset: str | DataConfig,
     image_size: int,
     seed: int = EVALUATION_SEED,
     config: ScorerTrainConfig | None = None,
@@ -136,18 +145,24 @@ def load_or_train_scorer(
 ) -> TextImageScorer:
     """The evaluation scorer of `dataset` at `image_size`: from the cache, or trained on its real training pairs.
 
-    Trained by `scorer.train` with `config` (default: `ScorerTrainConfig()`, the digits recipe) on
-    `dataset` (a built-in name, folder or Hub id), `image_size` and `training.seed = seed`, under the
+    Trained by `scorer.train` with `config` (default: `configs/scorer/<dataset>.yaml` of a built-in
+    where there is one, else `ScorerTrainConfig()`, the digits recipe) on `dataset` (a built-in name,
+    folder or Hub id, or a whole `DataConfig`), `image_size` and `training.seed = seed`, under the
     precision of the process's accelerator where one exists, without touching the global random state.
     The cache holds `{dataset}-{image_size}px-seed{seed}-{key}/` (model, tokenizer, `info.json` with
     the settings and the validation retrieval); `key` hashes the splits' fingerprints and the settings.
     """
-    config = copy.deepcopy(config) if config is not None else ScorerTrainConfig()
+    data = dataset if isinstance(dataset, DataConfig) else DataConfig(source=dataset)
+    dataset = data.source
+    if config is None:
+        recipe = SCORER_CONFIG_DIR / f"{dataset}.yaml"
+        config = load_config(ScorerTrainConfig, ["--config", str(recipe)]) if recipe.is_file() else ScorerTrainConfig()
+    config = copy.deepcopy(config)
     run = config.training
     mixed_precision = AcceleratorState().mixed_precision if is_initialized() else run.mixed_precision
     config = dataclasses.replace(  # validated again, the model's image size following the data's
         config,
-        data=dataclasses.replace(config.data, source=dataset, image_size=image_size),
+        data=dataclasses.replace(data, image_size=image_size),
         training=dataclasses.replace(
             run, seed=seed, mixed_precision=mixed_precision, output_dir="", report_to="none", progress=False,
             push_to_hub=False, resume_from_checkpoint=None, checkpointing_steps=run.max_steps,
@@ -155,6 +170,8 @@ def load_or_train_scorer(
         ),
     )
     splits = load_text_image_dataset(config.data)
+    if config.training.batch_size > len(splits["train"]) // 2:  # a small dataset of one's own: smaller batches
+        config.training.batch_size = max(2, len(splits["train"]) // 2)
     key = {
         "format": CACHE_FORMAT,
         "fingerprints": [splits["train"]._fingerprint, splits["validation"]._fingerprint],

@@ -1,7 +1,8 @@
 """The `dallekit` command line.
 
-    dallekit demo [--dataset digits] [--output-dir outputs/demo]
-    dallekit generate --model DIR_OR_HUB_ID --prompt "..." [--prompt ...] [--num-images 8]
+    dallekit demo [--dataset digits|shapes|emoji] [--output-dir outputs/demo] [--image-size 32]
+    dallekit train --data DIR_OR_HUB_ID [--image-size 64] [--output-dir outputs/train] [--caption-languages en es]
+    dallekit generate --model DIR_OR_HUB_ID --prompt "..." [--prompt ...] [--num-images 8] [--candidates N]
                       [--guidance-scale 3] [--top-k K] [--temperature T] [--seed 0] --out samples.png
     dallekit evaluate --model DIR_OR_HUB_ID [--dataset digits] [--guidance-scales 1 3 5] [--max-prompts N]
     dallekit evaluate-tokenizer --model DIR_OR_HUB_ID [--dataset digits] [--subfolder vqvae]
@@ -85,20 +86,26 @@ def _check_builtin(dataset: str) -> None:
         raise UserError(f"unknown dataset {dataset!r}; built-in datasets: {', '.join(sorted(BUILTIN_DATASETS))}")
 
 
-def _demo(args: argparse.Namespace) -> None:
-    """Train both stages on a built-in dataset, evaluate, write samples.png, metrics.json and the pipeline."""
-    from pipelines.demo import run_demo
+def _train(args: argparse.Namespace) -> None:
+    """Train both stages and the reranking scorer on any captioned data, evaluate, write samples.png,
+    metrics.json and the pipeline (`dallekit demo` is this on a built-in dataset)."""
+    from pipelines.train import train_pipeline
     from training.config import ConfigError
 
-    _check_builtin(args.dataset)
-    for path in (args.stage1_config, args.stage2_config):
-        if not Path(path).is_file():
+    data = args.dataset if args.command == "demo" else args.data
+    if args.command == "demo":
+        _check_builtin(data)
+    for path in (args.stage1_config, args.stage2_config, args.scorer_config):
+        if path is not None and not Path(path).is_file():
             raise UserError(f"config {path} not found: run dallekit from a source checkout (pip install -e .)")
+    overrides = ["--data.caption_languages", f"[{', '.join(args.caption_languages)}]"] if args.caption_languages else []
     try:
-        metrics = run_demo(args.dataset, args.output_dir, args.stage1_config, args.stage2_config,
-                           max_prompts=args.max_prompts)
-    except ConfigError as error:
-        raise UserError(str(error)) from None
+        metrics = train_pipeline(data, args.output_dir, args.image_size, args.stage1_config, args.stage2_config,
+                                 args.scorer_config, data_overrides=overrides, max_prompts=args.max_prompts)
+    except (ConfigError, FileNotFoundError) as error:
+        raise UserError(str(error).splitlines()[0]) from None
+    if not metrics:  # another process of an `accelerate launch`: the main one evaluates and reports
+        return
     print(json.dumps(metrics["evaluation"], indent=2))
     output_dir = Path(args.output_dir)
     print(f"samples (one row per prompt): {output_dir / 'samples.png'}")
@@ -108,19 +115,32 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    """Draw `--num-images` images for each `--prompt` into one grid (one row per prompt)."""
+    """Draw `--num-images` images for each `--prompt` into one grid (one row per prompt), the best of
+    `--candidates` by the pipeline's scorer when given; print the scores when there is a scorer."""
     import torch
 
     from training.images import save_image_grid
 
     if args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UserError(f"--out {args.out} must end in .png, .jpg or .webp")
+    if args.candidates is not None and args.candidates < args.num_images:
+        raise UserError(f"--candidates {args.candidates} is fewer than --num-images {args.num_images}: "
+                        "the best --num-images of --candidates drawn per prompt are kept")
+    reranking = args.candidates is not None and args.candidates > args.num_images
     pipe = _load_pipeline(args.model)
+    if reranking and pipe.scorer is None:
+        raise UserError(f"--candidates needs a pipeline with a scorer to rerank, and {args.model} has none "
+                        "(dallekit demo saves one; or drop --candidates)")
     generator = torch.Generator(device=pipe.device).manual_seed(args.seed)
-    output = pipe(args.prompt, num_images_per_prompt=args.num_images, guidance_scale=args.guidance_scale,
-                  temperature=args.temperature, top_k=args.top_k, generator=generator, output_type="pt")
+    output = pipe(args.prompt, num_images_per_prompt=args.num_images, num_candidates=args.candidates,
+                  guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
+                  generator=generator, output_type="pt")
     save_image_grid(output.images, args.out, num_rows=len(args.prompt), scale=args.scale, row_labels=args.prompt)
-    print(f"{len(output.images)} images: {args.out}")
+    drawn = f", the best of {args.candidates} per prompt by the scorer" if reranking else ""
+    print(f"{len(output.images)} images{drawn}: {args.out}")
+    if output.scores is not None:
+        for prompt, scores in zip(args.prompt, output.scores.view(len(args.prompt), -1).tolist()):
+            print(f"scores for {prompt!r}: {' '.join(f'{score:.3f}' for score in scores)}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -185,24 +205,35 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.demo import DEMO_CONFIGS
-
     parser = _OneLineErrorParser(prog="dallekit", description="DALL·E-style text-to-image: train, sample, evaluate.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train both stages on built-in data, evaluate, save a pipeline")
-    demo.add_argument("--dataset", default="digits", help="built-in dataset: digits or shapes (default: digits)")
-    demo.add_argument("--output-dir", default="outputs/demo", type=Path)
-    demo.add_argument("--stage1-config", default=DEMO_CONFIGS[0], type=Path, help="stage-1 YAML config")
-    demo.add_argument("--stage2-config", default=DEMO_CONFIGS[1], type=Path, help="stage-2 YAML config")
-    demo.add_argument("--max-prompts", type=_positive_int, default=None,
-                      help="evaluate on this many validation captions (default: all)")
-    demo.set_defaults(run=_demo)
+    demo.add_argument("--dataset", default="digits", help="built-in dataset: digits, shapes or emoji (default: digits)")
+    train = commands.add_parser("train", help="train both stages on your captioned images, evaluate, save a pipeline")
+    train.add_argument("--data", required=True,
+                       help="an image folder with metadata.jsonl/.csv (file_name, text), a Hub dataset id, or a built-in")
+    for command, output_dir in ((demo, "outputs/demo"), (train, "outputs/train")):
+        command.add_argument("--output-dir", default=output_dir, type=Path)
+        command.add_argument("--image-size", type=_positive_int, default=None,
+                             help="side of the training images; picks the recipe of configs (32 or 64; default: "
+                                  "the built-in dataset's own size, else 64)")
+        command.add_argument("--caption-languages", nargs="+", default=None,
+                             help="emoji: CLDR name languages to draw captions from (e.g. en es fr de)")
+        for stage in ("stage1", "stage2", "scorer"):
+            command.add_argument(f"--{stage}-config", default=None, type=Path,
+                                 help=f"{stage} YAML config (default: the recipe of the image size)")
+        command.add_argument("--max-prompts", type=_positive_int, default=None,
+                             help="evaluate on this many validation captions (default: all)")
+        command.set_defaults(run=_train)
 
     generate = commands.add_parser("generate", help="draw images for prompts into a PNG grid")
     generate.add_argument("--model", required=True, help="directory or Hub id of a saved pipeline")
     generate.add_argument("--prompt", required=True, action="append", help="a caption; repeat for several rows")
     generate.add_argument("--num-images", type=_positive_int, default=8, help="images per prompt (default: 8)")
+    generate.add_argument("--candidates", type=_positive_int, default=None,
+                          help="draw this many per prompt and keep the --num-images the pipeline's scorer ranks "
+                               "best (default: no reranking)")
     generate.add_argument("--guidance-scale", type=_positive_float, default=3.0)
     generate.add_argument("--temperature", type=_positive_float, default=1.0)
     generate.add_argument("--top-k", type=_positive_int, default=None)
@@ -243,3 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:
         print(f"dallekit {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

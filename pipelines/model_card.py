@@ -47,6 +47,26 @@ def _metrics_section(metrics: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_RERANKING_USAGE = """
+# Reranking: draw 16 candidates per prompt, keep the 4 that the scorer ranks closest to the prompt
+output = pipe("{prompt}", num_images_per_prompt=4, num_candidates=16, guidance_scale=1.0,
+              generator=torch.Generator().manual_seed(0))
+output.images, output.scores  # best first; scores: the scorer's cosine of each image with the prompt"""
+
+
+def _scorer_row(scorer, metrics: dict[str, float]) -> str:
+    """The components table's row of a reranking scorer (`TextImageScorer`), with its held-out retrieval."""
+    config = scorer.model.config
+    retrieval = (f"; among the distinct held-out captions it ranks a held-out image's own caption first for "
+                 f"{metrics['image_to_text_top1']:.0%} of them (within 5: {metrics['image_to_text_top5']:.0%})"
+                 ) if "image_to_text_top1" in metrics else ""
+    return (
+        f"| `scorer` | contrastive text–image scorer (CNN of {len(config.image_channels)} levels + "
+        f"{config.text_num_hidden_layers}-layer text transformer, {scorer.model.num_parameters():,} parameters, "
+        f"own caption tokenizer) that reranks candidates (`num_candidates`){retrieval} |"
+    )
+
+
 def make_model_card(
     pipe, location: str, training_info: dict[str, Any] | None = None, space_id: str | None = None,
 ) -> ModelCard:
@@ -56,8 +76,9 @@ def make_model_card(
     """
     info = training_info or {}
     vqvae, prior = pipe.vqvae.config, pipe.prior.config
-    quantizer = "gumbel-dvae" if vqvae.quantizer == "gumbel" else "vq-vae"
+    quantizer = {"gumbel": "gumbel-dvae", "vq": "vq-vae", "fsq": "fsq"}[vqvae.quantizer]
     data = ModelCardData(
+        license=info.get("license_id"),  # the training data's (OpenMoji's CC BY-SA 4.0 travels with the emoji)
         library_name=LIBRARY_NAME,
         pipeline_tag="text-to-image",
         tags=["dallekit", "text-to-image", "dall-e", "autoregressive", quantizer],
@@ -81,11 +102,14 @@ def make_model_card(
         f"{prior.text_len} caption tokens + {prior.image_seq_len} image codes, {pipe.prior.num_parameters():,} "
         f"parameters, classifier-free guidance |",
         f"| `tokenizer` | byte-level BPE over the captions, {len(pipe.tokenizer)} tokens |",
+        *([_scorer_row(pipe.scorer, info.get("scorer_metrics", {}))] if pipe.scorer is not None else []),
         "",
         "## Training data",
         "",
         info.get("data_description") or (f"`{dataset}`" if dataset else "Not recorded."),
         "",
+        *([f"Licence of the training data, which this model carries: {info['license']}. {info['attribution']}", ""]
+          if info.get("license") else []),
     ]
     if info.get("metrics"):
         sections.append(_metrics_section(info["metrics"]))
@@ -99,12 +123,15 @@ def make_model_card(
         f'pipe = TextToImagePipeline.from_pretrained("{location}")',
         f'images = pipe("{prompt}", num_images_per_prompt=4, guidance_scale=3.0,',
         "              generator=torch.Generator().manual_seed(0)).images  # PIL images",
+        *(_RERANKING_USAGE.format(prompt=prompt).splitlines() if pipe.scorer is not None else []),
         "```",
         "",
         "or from the command line:",
         "",
         "```bash",
         f'dallekit generate --model {location} --prompt "{prompt}" --num-images 8 --out samples.png',
+        *([f'dallekit generate --model {location} --prompt "{prompt}" --num-images 8 --candidates 32 '
+           "--out best.png   # the best 8 of 32"] if pipe.scorer is not None else []),
         f"dallekit serve --model {location}   # a web page to try it (needs the web extra: Gradio)",
         "```",
         "",

@@ -1,8 +1,12 @@
 """`TextToImagePipeline`: prompt -> caption ids -> prior samples image codes -> stage-1 decoder -> images.
 
+With a text–image scorer (`scorer.TextImageScorer`), a call can draw N candidates per prompt and
+keep the best k by the scorer's similarity to the prompt (DALL·E's reranking).
+
 A pipeline directory holds `model_index.json` (pipeline class, dallekit version, components),
-one subfolder per component: `vqvae/` (stage 1), `prior/` (stage 2), `tokenizer/` (captions), and
-the model card `README.md`. Loading reads safetensors only; a Hub id goes through
+one subfolder per component: `vqvae/` (stage 1), `prior/` (stage 2), `tokenizer/` (captions),
+`scorer/` (optional: the reranking scorer's model and caption tokenizer), and the model card
+`README.md`. Loading reads safetensors only; a Hub id goes through
 `huggingface_hub.snapshot_download`, so the Hub cache and `HF_HUB_OFFLINE=1` work as usual. A file
 that is there but cannot be read raises `PipelineLoadError` naming the file and what is wrong.
 """
@@ -22,26 +26,30 @@ import numpy as np
 import torch
 from huggingface_hub import CommitInfo, HfApi, ModelCard, snapshot_download
 from PIL import Image
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from pipelines.model_card import make_model_card, read_training_info
+from scorer import ScorerModel, TextImageScorer
 from stage1_dvae import DVAEModel
 from stage2_prior import PriorModel
 from stage2_prior.text_tokenizer import encode_captions
 from textimage_data import ImageTransform
 from training.images import to_uint8
 
-ModelT = TypeVar("ModelT", DVAEModel, PriorModel)
+ModelT = TypeVar("ModelT", DVAEModel, PriorModel, ScorerModel)
 MODEL_INDEX = "model_index.json"
 COMPONENTS = {
     "vqvae": ("stage1_dvae", "DVAEModel"),
     "prior": ("stage2_prior", "PriorModel"),
     "tokenizer": ("transformers", "PreTrainedTokenizerFast"),
 }
+OPTIONAL_COMPONENTS = {"scorer": ("scorer", "TextImageScorer")}  # saved and listed only when present
 REQUIRED_FILES = {
     "vqvae": ("config.json", "model.safetensors"),
     "prior": ("config.json", "model.safetensors"),
     "tokenizer": ("tokenizer.json",),
+    "scorer": ("config.json", "model.safetensors", "tokenizer.json"),
 }
 
 
@@ -89,23 +97,32 @@ def _load_model(model_class: type[ModelT], folder: Path, **kwargs) -> ModelT:
         return model_class.from_pretrained(folder, config=config, **kwargs)
 
 
+def _load_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    """The caption tokenizer saved in `folder`, a failure naming the folder."""
+    with _reading(folder, "tokenizer directory"):
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
 @dataclass
 class TextToImageOutput:
     """Images in the requested format (list of PIL, np.ndarray [N, H, W, 3] uint8, or tensor [N, 3, H, W] in [-1, 1])."""
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
     codes: torch.Tensor  # [N, h, w] image codes, N = len(prompts) * num_images_per_prompt
+    scores: torch.Tensor | None = None  # [N] float32 scorer similarity of each image to its prompt; None: no scorer
 
 
 class TextToImagePipeline:
     """The two stages behind one call: `pipe("a handwritten digit seven", num_images_per_prompt=4).images`.
 
-    `training_info` (dataset, evaluation metrics, an example prompt) goes into the model card.
+    `scorer` (optional) scores every image against its prompt and reranks candidates
+    (`num_candidates`). `training_info` (dataset, evaluation metrics, an example prompt) goes into
+    the model card.
     """
 
     def __init__(
         self, vqvae: DVAEModel, prior: PriorModel, tokenizer: PreTrainedTokenizerFast,
-        training_info: dict | None = None,
+        training_info: dict | None = None, scorer: TextImageScorer | None = None,
     ) -> None:
         if prior.config.image_vocab_size != vqvae.config.codebook_size:
             raise ValueError(
@@ -120,7 +137,24 @@ class TextToImagePipeline:
         self.vqvae = vqvae.eval()
         self.prior = prior.eval()
         self.tokenizer = tokenizer
+        self.scorer = self._checked_scorer(scorer) if scorer is not None else None
         self.training_info = dict(training_info or {})
+
+    def _checked_scorer(self, scorer: TextImageScorer) -> TextImageScorer:
+        """`scorer` if it can judge this pipeline's images, else a ValueError saying what to pass."""
+        if not isinstance(scorer, TextImageScorer):
+            raise ValueError(
+                f"scorer must be a scorer.TextImageScorer (model and caption tokenizer), got a "
+                f"{type(scorer).__name__}: load one with TextImageScorer.from_pretrained(dir)"
+            )
+        reads, makes = scorer.model.config, self.vqvae.config
+        if (reads.image_size, reads.num_channels) != (makes.image_size, makes.num_channels):
+            raise ValueError(
+                f"the scorer reads {reads.image_size}px {reads.num_channels}-channel images but the pipeline makes "
+                f"{makes.image_size}px {makes.num_channels}-channel ones: train a scorer on these images "
+                f"(python -m scorer.train --config configs/scorer/<dataset>.yaml --data.image_size {makes.image_size})"
+            )
+        return scorer
 
     @property
     def device(self) -> torch.device:
@@ -129,6 +163,8 @@ class TextToImagePipeline:
     def to(self, device: str | torch.device) -> TextToImagePipeline:
         self.vqvae.to(device)
         self.prior.to(device)
+        if self.scorer is not None:
+            self.scorer.to(device)
         return self
 
     # ---- files --------------------------------------------------------------------------------
@@ -156,11 +192,12 @@ class TextToImagePipeline:
         index = _read_json(index_path)
         if index.get("_class_name") != cls.__name__:
             raise ValueError(f"{index_path} describes a {index.get('_class_name')!r}, not a {cls.__name__}")
-        missing = [name for name in COMPONENTS if name not in index or not (location / name).is_dir()]
+        components = [*COMPONENTS, *(name for name in OPTIONAL_COMPONENTS if name in index)]
+        missing = [name for name in components if name not in index or not (location / name).is_dir()]
         if missing:
             raise FileNotFoundError(f"{location} lacks the component(s) {', '.join(missing)} named in {MODEL_INDEX}")
-        for name, required in REQUIRED_FILES.items():
-            for filename in required:
+        for name in components:
+            for filename in REQUIRED_FILES[name]:
                 if not (location / name / filename).is_file():
                     raise FileNotFoundError(f"{location / name} has no {filename}: the saved pipeline is incomplete")
             for path in sorted((location / name).glob("*.json")):
@@ -171,12 +208,15 @@ class TextToImagePipeline:
         if card_path.is_file():
             with _reading(card_path, "model card (its YAML metadata)"):
                 training_info = read_training_info(ModelCard.load(card_path))
-        with _reading(location / "tokenizer", "tokenizer directory"):
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(location / "tokenizer")
+        scorer = None
+        if "scorer" in components:
+            scorer = TextImageScorer(_load_model(ScorerModel, location / "scorer", **dtype),
+                                     _load_tokenizer(location / "scorer"))
         pipe = cls(
             vqvae=_load_model(DVAEModel, location / "vqvae", **dtype),
             prior=_load_model(PriorModel, location / "prior", **dtype),
-            tokenizer=tokenizer,
+            tokenizer=_load_tokenizer(location / "tokenizer"),
+            scorer=scorer,
             training_info=training_info,
         )
         return pipe.to(device) if device is not None else pipe
@@ -184,7 +224,7 @@ class TextToImagePipeline:
     def save_pretrained(
         self, save_directory: str | Path, repo_id: str | None = None, space_id: str | None = None,
     ) -> Path:
-        """Write `model_index.json`, the three components (safetensors) and the model card to `save_directory`.
+        """Write `model_index.json`, the components (safetensors; `scorer/` when there is one) and the model card.
 
         The card's usage snippet loads from `repo_id` when given, else from `save_directory`; with
         `space_id` the card links to that Space.
@@ -194,8 +234,12 @@ class TextToImagePipeline:
         self.vqvae.save_pretrained(directory / "vqvae")
         self.prior.save_pretrained(directory / "prior")
         self.tokenizer.save_pretrained(directory / "tokenizer")
+        components = dict(COMPONENTS)
+        if self.scorer is not None:
+            self.scorer.save_pretrained(directory / "scorer")
+            components |= OPTIONAL_COMPONENTS
         index = {"_class_name": type(self).__name__, "_dallekit_version": dallekit_version()}
-        index |= {name: list(library_and_class) for name, library_and_class in COMPONENTS.items()}
+        index |= {name: list(library_and_class) for name, library_and_class in components.items()}
         (directory / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         make_model_card(self, repo_id or str(directory), self.training_info, space_id).save(directory / "README.md")
         return directory
@@ -251,36 +295,79 @@ class TextToImagePipeline:
         generator: torch.Generator | None = None,
         init_image: torch.Tensor | Image.Image | list[Image.Image] | None = None,
         init_rows: int = 0,
+        num_candidates: int | None = None,
+        scorer: TextImageScorer | None = None,
+        batch_size: int = 64,
         output_type: Literal["pil", "np", "pt"] = "pil",
         return_dict: bool = True,
         progress: bool = True,
     ) -> TextToImageOutput | tuple:
-        """Images for `prompt` (one or a list), `num_images_per_prompt` each, in one batched prior call."""
+        """Images for `prompt` (one or a list), `num_images_per_prompt` each.
+
+        The prior samples `num_candidates` (default `num_images_per_prompt`) per prompt, in prior
+        calls of at most `batch_size` sequences; the scorer (`scorer`, else `self.scorer`) scores each
+        against its prompt and the best `num_images_per_prompt` are kept, highest score first. With
+        as many candidates as images nothing is dropped or reordered, and the scores come along when
+        there is a scorer. `return_dict=False` gives `(images, codes)`, plus `scores` when scored.
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or num_images_per_prompt < 1:
             raise ValueError("give at least one prompt and num_images_per_prompt >= 1")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size (sequences per prior call) must be >= 1, got {batch_size}")
+        num_candidates = num_images_per_prompt if num_candidates is None else num_candidates
+        if num_candidates < num_images_per_prompt:
+            raise ValueError(
+                f"num_candidates ({num_candidates}) must be at least num_images_per_prompt ({num_images_per_prompt}): "
+                "the best num_images_per_prompt of num_candidates drawn are kept"
+            )
+        scorer = self._checked_scorer(scorer) if scorer is not None else self.scorer
+        if num_candidates > num_images_per_prompt and scorer is None:
+            raise ValueError(
+                f"num_candidates={num_candidates} > num_images_per_prompt={num_images_per_prompt} needs a scorer to "
+                "choose the images: pass scorer=TextImageScorer.from_pretrained(dir), or load a pipeline saved with "
+                "one (pipe.scorer)"
+            )
         text_ids = encode_captions(self.tokenizer, prompts, self.prior.config.text_len).to(self.device)
-        text_ids = text_ids.repeat_interleave(num_images_per_prompt, dim=0)
+        text_ids = text_ids.repeat_interleave(num_candidates, dim=0)  # [P * N, text_len], prompt-major
+        captions = [caption for caption in prompts for _ in range(num_candidates)]
         init_codes = None
         if init_rows:
             if init_image is None:
                 raise ValueError("init_rows needs init_image: the image whose first rows of codes are kept")
             init_codes = self.vqvae.encode(self._init_pixels(init_image)).to(self.device)
             init_codes = init_codes.expand(text_ids.shape[0], -1, -1) if init_codes.shape[0] == 1 else (
-                init_codes.repeat_interleave(num_images_per_prompt, dim=0))
-        codes = self.prior.generate(
-            text_ids, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-            generator=generator, init_codes=init_codes, init_rows=init_rows, progress=progress,
-        )
-        pixels = self.vqvae.decode(codes.to(next(self.vqvae.parameters()).device)).float().cpu()
+                init_codes.repeat_interleave(num_candidates, dim=0))
+        codes, pixels, scores = [], [], []
+        starts = range(0, len(text_ids), batch_size)
+        for start in tqdm(starts, desc="candidate batches", unit="batch", disable=not progress or len(starts) == 1):
+            batch = slice(start, start + batch_size)
+            batch_codes = self.prior.generate(
+                text_ids[batch], guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                generator=generator, init_codes=None if init_codes is None else init_codes[batch],
+                init_rows=init_rows, progress=progress,
+            )
+            codes.append(batch_codes)
+            pixels.append(self.vqvae.decode(batch_codes.to(next(self.vqvae.parameters()).device)).float().cpu())
+            if scorer is not None:
+                scores.append(scorer.score(pixels[-1], captions[batch]))
+        codes, pixels = torch.cat(codes), torch.cat(pixels)
+        scores = torch.cat(scores) if scorer is not None else None
+        if num_candidates > num_images_per_prompt:  # keep the best k of each prompt's N, best first
+            ranked = scores.view(len(prompts), num_candidates).sort(dim=1, descending=True, stable=True).indices
+            first = num_candidates * torch.arange(len(prompts)).unsqueeze(1)  # each prompt's first candidate
+            keep = (first + ranked[:, :num_images_per_prompt]).flatten()
+            codes, pixels, scores = codes[keep.to(codes.device)], pixels[keep], scores[keep]
         images: list[Image.Image] | np.ndarray | torch.Tensor = pixels
         if output_type != "pt":
             images = to_uint8(pixels)
             if output_type == "pil":
                 images = [Image.fromarray(image) for image in images]
-        return TextToImageOutput(images=images, codes=codes) if return_dict else (images, codes)
+        if return_dict:
+            return TextToImageOutput(images=images, codes=codes, scores=scores)
+        return (images, codes) if scores is None else (images, codes, scores)
 
     def _init_pixels(self, init_image: torch.Tensor | Image.Image | list[Image.Image]) -> torch.Tensor:
         if isinstance(init_image, torch.Tensor):

@@ -93,7 +93,7 @@ def build_app(pipe: TextToImagePipeline) -> gr.Blocks:
     passed to it as `num_candidates`.
     """
     grid = pipe.prior.config.image_grid_size
-    has_scorer = getattr(pipe, "scorer", None) is not None
+    has_scorer = pipe.scorer is not None
     info = pipe.training_info
     examples = info.get("example_prompts") or ([info["example_prompt"]] if info.get("example_prompt") else [])
 
@@ -120,14 +120,17 @@ def build_app(pipe: TextToImagePipeline) -> gr.Blocks:
             )
         except ValueError as error:  # the pipeline's own check of a value
             raise gr.Error(str(error)) from error
-        scores = getattr(output, "scores", None)  # set by a pipeline that reranks with its scorer
+        scores = output.scores  # None without a scorer
         gallery = [  # what tells the images apart first: a caption is cut to the width of its thumbnail
             (_enlarge(image), f"#{index + 1}" + (f" · score {float(scores[index]):.3f}" if scores is not None else "")
              + f" · {prompt}")
             for index, image in enumerate(output.images)
         ]
         completed = f", the first {int(init_rows)} of {grid} code rows kept from the upload" if completion else ""
-        summary = f"{len(gallery)} images in {time.perf_counter() - start:.1f} s (seed {int(seed)}{completed})."
+        reranked = f", the best of {int(num_candidates)} candidates by the scorer" if (
+            num_candidates is not None and num_candidates > num_images) else ""
+        summary = (f"{len(gallery)} images in {time.perf_counter() - start:.1f} s "
+                   f"(seed {int(seed)}{completed}{reranked}).")
         return gallery, "\n\n".join([summary, *([cut] if cut else [])])
 
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600)) as app:

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 import yaml
@@ -31,9 +30,9 @@ from scorer.configuration_scorer import ScorerConfig
 from scorer.modeling_scorer import ScorerModel
 from scorer.scoring import TextImageScorer, retrieval_accuracy, unique_captions
 from stage2_prior.text_tokenizer import encode_captions, train_text_tokenizer
-from textimage_data import DataConfig, TextImageCollator, load_text_image_dataset
+from textimage_data import DataConfig, decode_pairs, load_text_image_dataset, training_captions
 from textimage_data.transforms import random_shift
-from training.accelerator import create_accelerator
+from training.accelerator import create_accelerator, finish_training
 from training.checkpointing import CheckpointManager, TrainState, resolve_checkpoint
 from training.config import ConfigError, TrainingConfig, run_from_command_line, to_dict
 from training.data import iterate_batches
@@ -74,14 +73,6 @@ class ScorerTrainConfig:
         self.model.validate()
 
 
-def decode_pairs(split: datasets.Dataset, image_size: int) -> tuple[torch.Tensor, list[str]]:
-    """Every readable image of `split` as pixels [N, 3, S, S] in [-1, 1], and its caption."""
-    batch = TextImageCollator(image_size)(list(split))
-    if batch["num_skipped"]:
-        logger.warning("skipped %d unreadable images of %d", batch["num_skipped"], len(split))
-    return batch["pixel_values"], batch["text"]
-
-
 def augmentation_generator(seed: int, process_index: int, micro_batch: int) -> torch.Generator:
     """The generator of the shifts of one micro-batch: a function of its position, so a resumed run draws the same."""
     state = np.random.SeedSequence([seed, process_index, micro_batch]).generate_state(1)[0]
@@ -120,23 +111,27 @@ def train(config: ScorerTrainConfig) -> dict[str, float]:
         (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
     splits = load_text_image_dataset(config.data)
-    tokenizer = train_text_tokenizer(splits["train"]["text"], config.model.text_vocab_size, config.model.text_len)
+    tokenizer = train_text_tokenizer(training_captions(splits["train"]), config.model.text_vocab_size,
+                                     config.model.text_len)
     config.model.text_vocab_size = len(tokenizer)
     config.model.pad_token_id = tokenizer.pad_token_id
     config.model.bos_token_id = tokenizer.bos_token_id
     config.model.eos_token_id = tokenizer.eos_token_id
-    train_pixels, train_texts = decode_pairs(splits["train"], config.data.image_size)
+    train_pixels, _, train_captions = decode_pairs(splits["train"], config.data.image_size)
+    # One pair per caption of each image (several with aliases or caption languages), the image shared by index.
+    image_index = torch.tensor([index for index, captions in enumerate(train_captions) for _ in captions])
+    train_texts = [caption for captions in train_captions for caption in captions]
     if len(train_texts) < run.batch_size:
         raise ConfigError(
             f"the training split has {len(train_texts)} readable pairs, fewer than training.batch_size "
             f"{run.batch_size}: lower training.batch_size"
         )
-    validation_pixels, validation_texts = decode_pairs(splits["validation"], config.data.image_size)
+    validation_pixels, validation_texts, _ = decode_pairs(splits["validation"], config.data.image_size)
     captions, caption_index = unique_captions(validation_texts, tokenizer)
     validation_ids = encode_captions(tokenizer, validation_texts, config.model.text_len)
     caption_ids = encode_captions(tokenizer, captions, config.model.text_len)
     train_loader = DataLoader(
-        TensorDataset(train_pixels, encode_captions(tokenizer, train_texts, config.model.text_len)),
+        TensorDataset(image_index, encode_captions(tokenizer, train_texts, config.model.text_len)),
         batch_size=run.batch_size, shuffle=True, drop_last=True, num_workers=run.num_workers,
         generator=torch.Generator().manual_seed(run.seed),
     )
@@ -168,7 +163,8 @@ def train(config: ScorerTrainConfig) -> dict[str, float]:
     window_start, window_steps, run_start, run_start_step = time.perf_counter(), 0, time.perf_counter(), state.step
     model.train()
     while state.step < run.max_steps and not selector.should_stop:
-        pixel_values, text_ids = next(batches)
+        indices, text_ids = next(batches)
+        pixel_values = train_pixels[indices.cpu()].to(text_ids.device)
         if config.max_shift:
             generator = augmentation_generator(run.seed, accelerator.process_index, micro_batch)
             pixel_values = random_shift(pixel_values, config.max_shift, generator)
@@ -228,7 +224,7 @@ def train(config: ScorerTrainConfig) -> dict[str, float]:
             unwrapped.push_to_hub(run.hub_model_id, commit_message=message)
             tokenizer.push_to_hub(run.hub_model_id, commit_message=message)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish_training(accelerator)
     return metrics
 
 

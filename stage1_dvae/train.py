@@ -32,7 +32,7 @@ from stage1_dvae.adversarial import AdversarialLoss, PatchDiscriminator
 from stage1_dvae.configuration_dvae import DVAEConfig
 from stage1_dvae.modeling_dvae import DVAEModel
 from textimage_data import DataConfig, TextImageCollator, load_text_image_dataset
-from training.accelerator import create_accelerator
+from training.accelerator import create_accelerator, finish_training
 from training.checkpointing import CheckpointManager, TrainState, resolve_checkpoint
 from training.config import TrainingConfig, run_from_command_line, to_dict
 from training.data import iterate_batches
@@ -310,7 +310,7 @@ def train(config: Stage1Config) -> dict[str, float]:
         if run.push_to_hub:
             unwrapped.push_to_hub(run.hub_model_id, commit_message=f"stage-1 tokenizer, step {selector.export_step}")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish_training(accelerator)
     return metrics
 
 

@@ -13,28 +13,37 @@ so checkpoints keep their names).
 logits warpers), a seeded `torch.Generator`, and classifier-free guidance with the conditional
 and unconditional branches in one batch sharing one cache. transformers' own `generate()` runs
 guidance for decoder-only models as a second, unbatched forward per step and samples from the
-global RNG, so the loop here is written out (about forty lines over the same decoder and cache).
+global RNG, so the loop here is written out over the same decoder. Its cache is static
+(transformers' `StaticLayer`s, preallocated once per call), and what does not change from step to
+step is made once per call: the row/column embeddings, position ids, the causal mask over the
+cache, and the image-code rows of `lm_head` (the only logits a step needs). On CPUs with native
+bf16 it samples under bf16 autocast. Every step has the same shapes, so `prior.decoder.compile()`
+traces the decoder twice per batch size (the prompt, then one token), not once per position.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from transformers import DynamicCache, LlamaModel
+from tqdm.auto import tqdm
+from transformers import Cache, DynamicCache, LlamaModel, StaticLayer
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from tqdm.auto import tqdm
+from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
 
 from stage2_prior.configuration_prior import PriorConfig
+from training.accelerator import cpu_supports_fast_bf16
 from training.pretrained import StrictPreTrainedModel
 
 
@@ -52,6 +61,42 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -
     if generator is None or generator.device == probs.device:
         return torch.multinomial(probs, 1, generator=generator)
     return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on `device_type` ("cpu", "cuda"), or None where autocast is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+class _AutocastStaticLayer(StaticLayer):
+    """transformers' `StaticLayer` (keys and values preallocated, written in place), stored in the autocast dtype.
+
+    Under bf16 autocast, Llama's rotary embedding hands the cache fp32 keys, which attention then
+    casts to bf16 at every step, the whole preallocated cache at once. Stored in bf16, each key is
+    cast once when written; attention reads the same values.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        dtype = _autocast_dtype(key_states.device.type) or key_states.dtype
+        super().lazy_initialization(key_states.to(dtype), value_states.to(dtype))
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return super().update(key_states.to(self.keys.dtype), value_states.to(self.values.dtype), *args, **kwargs)
+
+
+@dataclass
+class _Decoding:
+    """What `generate` makes once per call and reuses at every step."""
+
+    spatial: torch.Tensor  # [max_seq_len, hidden] row + column embeddings (zero before the image)
+    positions: torch.Tensor  # [1, max_seq_len] position ids
+    cache: Cache | None  # static, one `_AutocastStaticLayer` per decoder layer; None: every step recomputes all
+    causal_mask: torch.Tensor | None  # [1, 1, L, L] over the cache's L positions; None without a cache
+    image_head: torch.Tensor  # [image_vocab_size, hidden] the lm_head rows of image codes, in the autocast dtype
 
 
 @dataclass
@@ -130,14 +175,21 @@ class PriorModel(PriorPreTrainedModel):
         ids[:, 0] = self.config.eos_token_id
         return ids
 
-    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Token embeddings plus row/column embeddings at image positions (then dropout); positions [T] absolute."""
-        embeddings = self.decoder.embed_tokens(input_ids)
-        image_index = (positions - self.image_start).clamp(min=0)
+    def _spatial_embeddings(self) -> torch.Tensor:
+        """Row plus column embedding of every sequence position [max_seq_len, hidden]; zero before the image."""
         grid = self.config.image_grid_size
-        spatial = self.row_embedding(image_index // grid) + self.column_embedding(image_index % grid)
-        is_image = (positions >= self.image_start).unsqueeze(-1)
-        return self.embedding_dropout(embeddings + torch.where(is_image, spatial, torch.zeros_like(spatial)))
+        index = torch.arange(self.config.image_seq_len, device=self.row_embedding.weight.device)
+        spatial = self.row_embedding(index // grid) + self.column_embedding(index % grid)
+        return F.pad(spatial, (0, 0, self.image_start, 0))
+
+    def _embed(self, input_ids: torch.Tensor, start: int, spatial: torch.Tensor | None = None) -> torch.Tensor:
+        """Token plus spatial embeddings (then dropout) of `input_ids` [B, T] at positions [start, start + T).
+
+        `spatial` is `_spatial_embeddings()`, passed in by callers that embed many times with the same weights.
+        """
+        spatial = self._spatial_embeddings() if spatial is None else spatial
+        embeddings = self.decoder.embed_tokens(input_ids) + spatial[start : start + input_ids.shape[1]]
+        return self.embedding_dropout(embeddings)
 
     def _restrict_logits(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Mask the vocabulary a position cannot predict: text before the image, image codes after."""
@@ -161,7 +213,7 @@ class PriorModel(PriorPreTrainedModel):
         if positions[-1] >= self.config.max_seq_len:
             raise ValueError(f"sequence of {positions[-1] + 1} tokens exceeds max_seq_len {self.config.max_seq_len}")
         hidden = self.decoder(
-            inputs_embeds=self._embed(input_ids, positions),
+            inputs_embeds=self._embed(input_ids, past),
             position_ids=positions.unsqueeze(0),
             cache=cache,
             use_cache=use_cache,
@@ -188,6 +240,64 @@ class PriorModel(PriorPreTrainedModel):
 
     # ---- sampling -------------------------------------------------------------------------------
 
+    def _sampling_warpers(
+        self, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None
+    ) -> LogitsProcessorList:
+        """transformers' warpers for these settings, leaving out those that would change nothing."""
+        warpers = LogitsProcessorList()
+        if not do_sample:
+            return warpers
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
+        if temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k and top_k < self.config.image_vocab_size:
+            warpers.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+        return warpers
+
+    def _sampling_precision(self, mixed_precision: str) -> AbstractContextManager:
+        """The autocast context `generate` runs in: `auto` is bf16 on a CPU with native bf16, else the caller's."""
+        device = self.device.type
+        if mixed_precision == "auto":
+            if device != "cpu" or not cpu_supports_fast_bf16():
+                return nullcontext()
+            mixed_precision = "bf16"
+        if mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {mixed_precision!r}")
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+
+    def _decoding(self, use_cache: bool) -> _Decoding:
+        """What stays fixed across the steps of one `generate` call, made once per call."""
+        length, device = self.config.max_seq_len, self.device
+        spatial = self._spatial_embeddings()
+        positions = torch.arange(length, device=device).unsqueeze(0)
+        image_head = self.lm_head.weight[self.config.text_vocab_size :]
+        image_head = image_head.to(_autocast_dtype(device.type) or image_head.dtype)  # cast once, not at every step
+        if not use_cache:
+            return _Decoding(spatial, positions, cache=None, causal_mask=None, image_head=image_head)
+        # The last code is sampled, never fed: the cache holds at most max_seq_len - 1 positions.
+        layers = range(self.config.num_hidden_layers)
+        cache = Cache(layers=[_AutocastStaticLayer(max_cache_len=length - 1) for _ in layers])
+        causal_mask = create_causal_mask(
+            config=self.decoder.config, inputs_embeds=spatial[None, :-1], attention_mask=None, cache=None,
+            position_ids=positions[:, :-1], allow_is_causal_skip=False,
+        )  # [1, 1, length - 1, length - 1] in the format of the decoder's attention implementation
+        return _Decoding(spatial, positions, cache, causal_mask, image_head)
+
+    def _image_logits(self, input_ids: torch.Tensor, start: int, decoding: _Decoding) -> torch.Tensor:
+        """Logits [B, image_vocab_size] over the image codes that follow `input_ids` [B, T] at [start, start + T)."""
+        end = start + input_ids.shape[1]
+        hidden = self.decoder(
+            inputs_embeds=self._embed(input_ids, start, decoding.spatial),
+            position_ids=decoding.positions[:, start:end],
+            attention_mask=None if decoding.causal_mask is None else decoding.causal_mask[:, :, start:end],
+            cache=decoding.cache,
+            use_cache=decoding.cache is not None,
+        ).last_hidden_state[:, -1]
+        return F.linear(hidden, decoding.image_head).float()
+
     @torch.no_grad()
     def generate(
         self,
@@ -202,12 +312,15 @@ class PriorModel(PriorPreTrainedModel):
         use_cache: bool = True,
         do_sample: bool = True,
         progress: bool = False,
+        mixed_precision: Literal["auto", "no", "bf16"] = "auto",
     ) -> torch.Tensor:
         """Sample image codes [B, h, w] for captions `text_ids` [B, text_len].
 
         `guidance_scale` s mixes `uncond + s * (cond - uncond)` (1 disables guidance); with
         `init_codes` [B, h, w] the first `init_rows` rows are kept and the rest completed.
         `do_sample=False` picks the most likely code (greedy); `progress` shows a bar over the codes.
+        `mixed_precision`: `auto` samples under bf16 autocast on CPUs with native bf16 (AVX-512 BF16,
+        AMX), where it is faster, and otherwise in the caller's precision; `no` forces fp32.
         """
         grid, batch = self.config.image_grid_size, text_ids.shape[0]
         prefix_codes = None
@@ -220,34 +333,28 @@ class PriorModel(PriorPreTrainedModel):
         if guided:
             unconditional = self.build_input_ids(self.empty_text_ids(batch, text_ids.device), prefix_codes)
             input_ids = torch.cat([input_ids, unconditional])
-        warpers = LogitsProcessorList()
-        if do_sample:
-            if temperature <= 0:
-                raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}")
-            warpers.append(TemperatureLogitsWarper(temperature))
-            if top_k:
-                warpers.append(TopKLogitsWarper(top_k))
-            if top_p is not None and top_p < 1.0:
-                warpers.append(TopPLogitsWarper(top_p))
+        warpers = self._sampling_warpers(do_sample, temperature, top_k, top_p)
 
-        cache = DynamicCache(config=self.decoder.config) if use_cache else None
-        sequence, step_input = input_ids, input_ids
-        text_vocab = self.config.text_vocab_size
-        steps = range(self.config.image_seq_len - (init_rows * grid))
-        for _ in tqdm(steps, desc="sampling image codes", unit="code", disable=not progress, leave=False):
-            output = self(step_input, cache=cache, use_cache=use_cache, compute_loss=False)
-            logits = output.logits[:, -1, text_vocab:]  # the image-code part of the joint vocabulary
-            if guided:
-                logits = classifier_free_guidance(*logits.chunk(2), guidance_scale)
-            if do_sample:
-                probs = warpers(sequence[:batch], logits).softmax(dim=-1)
-                codes = sample_categorical(probs, generator)
-            else:
-                codes = logits.argmax(dim=-1, keepdim=True)
-            next_ids = codes + text_vocab
-            if guided:
-                next_ids = torch.cat([next_ids, next_ids])
-            sequence = torch.cat([sequence, next_ids], dim=1)
-            step_input = next_ids if use_cache else sequence
-        image_ids = sequence[:batch, self.image_start:] - text_vocab
+        text_vocab, length, prefix_length = self.config.text_vocab_size, self.config.max_seq_len, input_ids.shape[1]
+        sequence = F.pad(input_ids, (0, length - prefix_length))  # [rows, max_seq_len], filled in as codes are drawn
+        with self._sampling_precision(mixed_precision):
+            decoding = self._decoding(use_cache)
+            step_input, start = input_ids, 0
+            steps = tqdm(range(prefix_length, length), desc="sampling image codes", unit="code",
+                         disable=not progress, leave=False)
+            for position in steps:
+                logits = self._image_logits(step_input, start, decoding)
+                if guided:
+                    logits = classifier_free_guidance(*logits.chunk(2), guidance_scale)
+                if do_sample:
+                    probs = warpers(sequence[:batch, :position], logits).softmax(dim=-1)
+                    codes = sample_categorical(probs, generator)
+                else:
+                    codes = logits.argmax(dim=-1, keepdim=True)
+                sequence[:, position : position + 1] = (codes + text_vocab).repeat(2 if guided else 1, 1)
+                if use_cache:
+                    step_input, start = sequence[:, position : position + 1], position
+                else:
+                    step_input = sequence[:, : position + 1]
+        image_ids = sequence[:batch, self.image_start :] - text_vocab
         return rearrange(image_ids, "b (h w) -> b h w", h=grid)

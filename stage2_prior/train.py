@@ -31,7 +31,7 @@ from stage2_prior.modeling_prior import PriorModel
 from stage2_prior.pretokenize import pretokenize
 from stage2_prior.text_tokenizer import encode_captions, train_text_tokenizer
 from textimage_data import AugmentationConfig, DataConfig, load_text_image_dataset, training_captions
-from training.accelerator import create_accelerator
+from training.accelerator import create_accelerator, finish_training
 from training.checkpointing import CheckpointManager, TrainState, resolve_checkpoint
 from training.config import ConfigError, TrainingConfig, run_from_command_line, to_dict
 from training.data import iterate_batches
@@ -266,7 +266,7 @@ def train(config: Stage2Config) -> dict[str, float]:
         if run.push_to_hub:
             unwrapped.push_to_hub(run.hub_model_id, commit_message=f"stage-2 prior, step {selector.export_step}")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish_training(accelerator)
     return metrics
 
 

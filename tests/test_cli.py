@@ -10,7 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
+
+from evaluation import EVALUATION_SEED
 
 ROOT = Path(__file__).resolve().parents[1]
 DALLEKIT = shutil.which("dallekit")
@@ -24,27 +27,34 @@ def dallekit(*args: str, cache: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """`dallekit demo` on the tiny configs: both stages, evaluation, samples, pipeline."""
+    """`dallekit demo` on the tiny configs: both stages, the reranking scorer, evaluation, samples, pipeline."""
     root = tmp_path_factory.mktemp("cli")
     result = dallekit("demo", "--output-dir", str(root / "demo"), "--stage1-config", "configs/dvae/tiny.yaml",
-                      "--stage2-config", "configs/prior/tiny.yaml", "--max-prompts", "12", cache=root / "cache")
+                      "--stage2-config", "configs/prior/tiny.yaml", "--scorer-config", "configs/scorer/tiny.yaml",
+                      "--max-prompts", "12", cache=root / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "demo", root / "cache"
 
 
 def test_demo_writes_samples_metrics_and_a_pipeline(demo_run: tuple[Path, Path]) -> None:
-    output_dir, _ = demo_run
+    output_dir, cache = demo_run
     metrics = json.loads((output_dir / "metrics.json").read_text())
-    assert {"stage1", "stage2", "evaluation", "seconds"} <= metrics.keys()
+    assert {"stage1", "stage2", "scorer", "evaluation", "seconds"} <= metrics.keys()
+    assert 0 <= metrics["scorer"]["image_to_text_top1"] <= 1 and metrics["seconds"]["scorer"] > 0
     assert set(metrics["evaluation"]["guidance"]) == {"1.0", "3.0", "5.0"}
     for row in metrics["evaluation"]["guidance"].values():
         assert 0 <= row["adherence"] <= 1 and 0 <= row["exact_copy_rate"] <= 1
     samples = Image.open(output_dir / "samples.png")
     assert samples.width > samples.height  # ten rows of eight images plus the prompts on the left
     index = json.loads((output_dir / "pipeline" / "model_index.json").read_text())
-    assert {"vqvae", "prior", "tokenizer"} <= index.keys()
+    assert {"vqvae", "prior", "tokenizer", "scorer"} <= index.keys()
+    # The reranking scorer is not the evaluation scorer: its own run, another seed.
+    scorer_config = yaml.safe_load((output_dir / "scorer" / "config.yaml").read_text())
+    assert scorer_config["training"]["seed"] != EVALUATION_SEED and scorer_config["data"]["image_size"] == 16
+    assert list((cache / "scorers").glob(f"digits-16px-seed{EVALUATION_SEED}-*"))
     card = (output_dir / "pipeline" / "README.md").read_text()
     assert "pipeline_tag: text-to-image" in card and "adherence" in card
+    assert "| `scorer` |" in card and "own caption first for" in card and "num_candidates=16" in card
 
 
 def test_generate_writes_one_row_per_prompt_and_is_seeded(demo_run: tuple[Path, Path], tmp_path: Path) -> None:
@@ -59,6 +69,93 @@ def test_generate_writes_one_row_per_prompt_and_is_seeded(demo_run: tuple[Path, 
     assert grids[0].shape[0] == 2 + 2 * (16 + 2)  # two rows of 16-pixel images with 2-pixel padding
     np.testing.assert_array_equal(grids[0], grids[1])
     assert not np.array_equal(grids[0], grids[2])
+
+
+def test_generate_reranks_candidates_with_the_saved_scorer(demo_run: tuple[Path, Path], tmp_path: Path) -> None:
+    output_dir, cache = demo_run
+    prompts = ["a handwritten digit seven", "the number 3"]
+    result = dallekit("generate", "--model", str(output_dir / "pipeline"), "--prompt", prompts[0], "--prompt",
+                      prompts[1], "--num-images", "2", "--candidates", "8", "--seed", "3", "--scale", "1",
+                      "--out", str(tmp_path / "best.png"), cache=cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 images, the best of 8 per prompt by the scorer" in result.stdout
+    printed = {line.split("'")[1]: [float(score) for score in line.split(": ")[1].split()]
+               for line in result.stdout.splitlines() if line.startswith("scores for")}
+    assert list(printed) == prompts and all(len(s) == 2 and s[0] >= s[1] for s in printed.values())
+    assert np.asarray(Image.open(tmp_path / "best.png")).shape[0] == 2 + 2 * (16 + 2)
+
+
+def test_generate_candidates_without_a_scorer_is_one_line(tmp_path: Path) -> None:
+    from tests.test_pipeline import tiny_pipeline
+
+    tiny_pipeline().save_pretrained(tmp_path / "pipeline")
+    result = dallekit("generate", "--model", str(tmp_path / "pipeline"), "--prompt", "a seven", "--num-images", "2",
+                      "--candidates", "4", "--out", str(tmp_path / "x.png"), cache=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "dallekit generate: error: --candidates needs a pipeline with a scorer to rerank")
+
+
+def captioned_folder(root: Path, num_images: int = 60, broken: int = 3) -> Path:
+    """A user's image folder: coloured shapes as PNGs with their captions in `metadata.jsonl`, and a few broken files."""
+    from textimage_data import make_shapes
+
+    root.mkdir(parents=True)
+    rows = []
+    for index, (image, caption, _) in enumerate(make_shapes(num_images, image_size=24, seed=1)):
+        image.save(root / f"{index:03d}.png")
+        rows.append({"file_name": f"{index:03d}.png", "text": caption})
+    for index in range(broken):
+        (root / f"broken_{index}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
+        rows.append({"file_name": f"broken_{index}.png", "text": "a broken file"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root
+
+
+def test_train_on_a_folder_end_to_end_and_the_pipeline_samples(tmp_path: Path) -> None:
+    """`dallekit train --data DIR`: both stages and the scorer on a folder with broken files, judged without labels."""
+    folder = captioned_folder(tmp_path / "my_images")
+    output_dir = tmp_path / "run"
+    result = dallekit("train", "--data", str(folder), "--image-size", "16", "--output-dir", str(output_dir),
+                      "--stage1-config", "configs/dvae/tiny.yaml", "--stage2-config", "configs/prior/tiny.yaml",
+                      "--scorer-config", "configs/scorer/tiny.yaml", cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["image_size"] == 16 and metrics["stage1"]["skipped_images"] > 0  # the broken files, counted
+    evaluation = metrics["evaluation"]
+    assert "adherence" not in evaluation["guidance"]["3.0"]  # no class labels: the scorer judges
+    assert {"r_precision", "clip_score", "near_copy_rate", "exact_copy_rate"} <= set(evaluation["guidance"]["3.0"])
+    card = (output_dir / "pipeline" / "README.md").read_text()
+    assert str(folder) in card and "r_precision" in card
+    generated = dallekit("generate", "--model", str(output_dir / "pipeline"), "--prompt", "a red circle on the left",
+                         "--num-images", "2", "--candidates", "4", "--out", str(tmp_path / "mine.png"),
+                         cache=tmp_path / "cache")
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert Image.open(tmp_path / "mine.png").height == 2 + 16 * 2 + 2
+
+
+def test_train_under_accelerate_launch_trains_on_two_processes_and_reports_once(tmp_path: Path) -> None:
+    """`accelerate launch` of `dallekit train`: every stage trains on both processes, one process evaluates."""
+    from tests.conftest import cpu_processes_env
+
+    output_dir = tmp_path / "run"
+    result = subprocess.run(
+        ["accelerate", "launch", "--config_file", "configs/accelerate/cpu_2proc.yaml", "-m", "pipelines.cli",
+         "train", "--data", "digits", "--output-dir", str(output_dir), "--stage1-config", "configs/dvae/tiny.yaml",
+         "--stage2-config", "configs/prior/tiny.yaml", "--scorer-config", "configs/scorer/tiny.yaml",
+         "--max-prompts", "8"],
+        capture_output=True, text=True, cwd=ROOT, timeout=900,
+        env=cpu_processes_env() | {"DALLEKIT_CACHE": str(tmp_path / "cache"), "TQDM_DISABLE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # stage 1, stage 2 and the scorer on both ranks; then the evaluation scorer on the main process alone
+    assert result.stderr.count("accelerator: 2 process(es)") == 6
+    assert result.stderr.count("accelerator: 1 process(es)") == 1
+    assert result.stdout.count("[4/5] evaluating") == 1 and result.stdout.count("took ") == 1
+    for stage in ("stage1", "stage2", "scorer"):  # both ranks' random states: both trained
+        assert len(list((output_dir / stage / "checkpoints").glob("step_8/random_states_*"))) == 2
+    assert json.loads((output_dir / "metrics.json").read_text())["evaluation"]["guidance"]
+    assert (output_dir / "pipeline" / "model_index.json").is_file()
 
 
 def test_evaluate_prints_json(demo_run: tuple[Path, Path]) -> None:
@@ -81,8 +178,12 @@ def test_evaluate_prints_json(demo_run: tuple[Path, Path]) -> None:
         (["evaluate", "--model", "./missing", "--dataset", "cats"], "unknown dataset 'cats'"),
         (["demo", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (["demo", "--stage1-config", "configs/dvae/nope.yaml"], "not found"),
+        (["train", "--data", "./no_such_folder"], "no_such_folder"),
+        (["train", "--data", "digits", "--image-size", "48"], "no training recipe for 48px"),
         (["generate", "--model", "tests", "--prompt", "a seven", "--out", "x.png"], "no model_index.json"),
         (["evaluate-tokenizer", "--model", "./missing"], "does not exist"),
+        (["generate", "--model", "./missing", "--prompt", "a seven", "--num-images", "4", "--candidates", "2",
+          "--out", "x.png"], "--candidates 2 is fewer than --num-images 4"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(args: list[str], message: str, tmp_path: Path) -> None:

@@ -13,9 +13,11 @@ import torch
 from huggingface_hub import HfApi, ModelCard, SpaceCard
 from huggingface_hub.errors import OfflineModeIsEnabled
 from PIL import Image
+from transformers import PreTrainedTokenizerFast
 
 from pipelines import TextToImagePipeline
 from pipelines.text_to_image import PipelineLoadError
+from scorer import ScorerConfig, ScorerModel, TextImageScorer
 from stage1_dvae import DVAEModel
 from stage2_prior import PriorConfig, PriorModel
 from stage2_prior.text_tokenizer import train_text_tokenizer
@@ -23,8 +25,20 @@ from tests.conftest import tiny_dvae_config
 from textimage_data import DataConfig, load_text_image_dataset
 
 
-def tiny_pipeline() -> TextToImagePipeline:
-    """Tiny real components (random weights): a stage-1 tokenizer, a caption BPE and a prior sized to both."""
+def tiny_scorer(tokenizer: PreTrainedTokenizerFast, image_size: int = 16, seed: int = 1) -> TextImageScorer:
+    """A tiny real text–image scorer (random weights, seeded) for `image_size`px images, reading `tokenizer`'s ids."""
+    torch.manual_seed(seed)
+    config = ScorerConfig(
+        image_size=image_size, image_channels=[8, 16], text_vocab_size=len(tokenizer), text_len=16,
+        text_hidden_size=32, text_intermediate_size=64, text_num_hidden_layers=1, projection_dim=32,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return TextImageScorer(ScorerModel(config), tokenizer)
+
+
+def tiny_pipeline(with_scorer: bool = False) -> TextToImagePipeline:
+    """Tiny real components (random weights): a stage-1 tokenizer, a caption BPE and a prior sized to both,
+    and with `with_scorer` a tiny text–image scorer for reranking."""
     torch.manual_seed(0)
     captions = load_text_image_dataset(DataConfig(source="digits", image_size=16))["train"]["text"]
     tokenizer = train_text_tokenizer(captions, vocab_size=300, text_len=8)
@@ -33,7 +47,8 @@ def tiny_pipeline() -> TextToImagePipeline:
         text_vocab_size=len(tokenizer), text_len=8, image_vocab_size=64, image_grid_size=8, hidden_size=32,
         intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
     ))
-    return TextToImagePipeline(vqvae=vqvae, prior=prior, tokenizer=tokenizer)
+    scorer = tiny_scorer(tokenizer) if with_scorer else None
+    return TextToImagePipeline(vqvae=vqvae, prior=prior, tokenizer=tokenizer, scorer=scorer)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +65,7 @@ def test_save_load_round_trip_gives_identical_images(pipe: TextToImagePipeline, 
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["_class_name"] == "TextToImagePipeline" and "_dallekit_version" in index
-    assert {"vqvae", "prior", "tokenizer"} <= index.keys()
+    assert {"vqvae", "prior", "tokenizer"} <= index.keys() and "scorer" not in index  # saved only when there is one
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pkl"))
     loaded = TextToImagePipeline.from_pretrained(tmp_path)
     np.testing.assert_array_equal(generate(loaded), generate(pipe))

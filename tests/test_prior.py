@@ -1,9 +1,18 @@
-"""Stage-2 prior: sequence layout, restricted logits, KV-cache sampling, guidance, dropout, memorisation, save/load."""
+"""Stage-2 prior: sequence layout, restricted logits, KV-cache sampling against a plain reference loop, guidance,
+priming, bf16 and compiled sampling, dropout, memorisation, save/load."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from stage2_prior import PriorConfig, PriorModel
 from stage2_prior.modeling_prior import classifier_free_guidance
@@ -27,14 +36,60 @@ def captions(batch: int) -> torch.Tensor:
     return torch.randint(3, 40, (batch, 6))
 
 
-def test_greedy_sampling_with_and_without_cache_is_identical(prior: PriorModel) -> None:
+def reference_codes(
+    prior: PriorModel, text: torch.Tensor, guidance_scale: float = 1.0, generator: torch.Generator | None = None,
+    warpers: LogitsProcessorList | None = None, init_codes: torch.Tensor | None = None, init_rows: int = 0,
+) -> torch.Tensor:
+    """Codes [B, h, w] by the plainest computation: every step runs the whole sequence through `forward` (no
+    cache, full restricted vocabulary), the unconditional branch as a second forward; argmax without `generator`,
+    else the warped distribution sampled with `torch.multinomial`."""
+    grid, text_vocab = prior.config.image_grid_size, prior.config.text_vocab_size
+    codes = init_codes[:, :init_rows].flatten(1) if init_rows else text.new_zeros(len(text), 0)
+
+    def next_logits(caption_ids: torch.Tensor) -> torch.Tensor:
+        input_ids = torch.cat([prior.build_input_ids(caption_ids), codes + text_vocab], dim=1)
+        return prior(input_ids, compute_loss=False).logits[:, -1, text_vocab:]
+
+    with torch.no_grad():
+        while codes.shape[1] < grid * grid:
+            logits = next_logits(text)
+            if guidance_scale != 1.0:
+                logits = classifier_free_guidance(logits, next_logits(prior.empty_text_ids(len(text), text.device)),
+                                                  guidance_scale)
+            if generator is None:
+                code = logits.argmax(-1, keepdim=True)
+            else:
+                code = torch.multinomial((warpers or LogitsProcessorList())(None, logits).softmax(-1), 1,
+                                         generator=generator)
+            codes = torch.cat([codes, code], dim=1)
+    return codes.view(-1, grid, grid)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_greedy_codes_match_a_full_sequence_argmax_loop(prior: PriorModel, guidance_scale: float) -> None:
+    """The cached loop (static cache, image rows of lm_head only, guidance in one batch) equals the plain loop."""
     text = captions(3)
-    with_cache = prior.generate(text, do_sample=False, use_cache=True)
-    without_cache = prior.generate(text, do_sample=False, use_cache=False)
-    assert with_cache.shape == (3, 4, 4) and with_cache.dtype == torch.int64
-    assert torch.equal(with_cache, without_cache)
-    guided = [prior.generate(text, do_sample=False, guidance_scale=3.0, use_cache=c) for c in (True, False)]
-    assert torch.equal(*guided)
+    expected = reference_codes(prior, text, guidance_scale)
+    for use_cache in (True, False):
+        codes = prior.generate(text, guidance_scale=guidance_scale, do_sample=False, use_cache=use_cache,
+                               mixed_precision="no")
+        assert codes.shape == (3, 4, 4) and codes.dtype == torch.int64
+        assert torch.equal(codes, expected), f"use_cache={use_cache}"
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 2.0])
+def test_seeded_sampling_draws_what_a_plain_sampling_loop_draws(prior: PriorModel, guidance_scale: float) -> None:
+    """Same seed, same codes as the plain loop, with no-op settings (temperature 1, top_k >= the codes) too."""
+    text = captions(4)
+    settings = [dict(), dict(temperature=0.7, top_k=5, top_p=0.8), dict(temperature=1.0, top_k=16, top_p=1.0)]
+    for setting in settings:
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(setting.get("temperature", 1.0))])
+        if "top_k" in setting:
+            warpers += [TopKLogitsWarper(setting["top_k"]), TopPLogitsWarper(setting["top_p"])]
+        expected = reference_codes(prior, text, guidance_scale, torch.Generator().manual_seed(3), warpers)
+        codes = prior.generate(text, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(3),
+                               mixed_precision="no", **setting)
+        assert torch.equal(codes, expected), setting
 
 
 def test_seeded_sampling_is_reproducible_and_codes_are_valid(prior: PriorModel) -> None:
@@ -69,7 +124,7 @@ def test_guidance_formula_and_scale_one() -> None:
 
 def test_batched_guidance_matches_two_separate_forwards(prior: PriorModel) -> None:
     text = captions(2)
-    first_code = prior.generate(text, do_sample=False, guidance_scale=4.0)[:, 0, 0]
+    first_code = prior.generate(text, do_sample=False, guidance_scale=4.0, mixed_precision="no")[:, 0, 0]
     conditional = prior(prior.build_input_ids(text), compute_loss=False).logits[:, -1, 40:]
     empty = prior.empty_text_ids(2, text.device)
     unconditional = prior(prior.build_input_ids(empty), compute_loss=False).logits[:, -1, 40:]
@@ -83,6 +138,9 @@ def test_priming_keeps_the_given_rows(prior: PriorModel) -> None:
     text, init = captions(2), torch.randint(0, 16, (2, 4, 4))
     completed = prior.generate(text, init_codes=init, init_rows=2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(completed[:, :2], init[:, :2])
+    greedy = prior.generate(text, init_codes=init, init_rows=1, guidance_scale=2.0, do_sample=False,
+                            mixed_precision="no")
+    assert torch.equal(greedy, reference_codes(prior, text, 2.0, init_codes=init, init_rows=1))
     with pytest.raises(ValueError, match="priming needs"):
         prior.generate(text, init_codes=init, init_rows=5)
 
@@ -110,7 +168,50 @@ def test_tiny_prior_memorises_caption_to_codes() -> None:
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    assert torch.equal(model.generate(text, do_sample=False), codes)
+    assert torch.equal(model.generate(text, do_sample=False), codes)  # bf16 where the CPU has it, else fp32
+    for precision in ("no", "bf16"):
+        assert torch.equal(model.generate(text, do_sample=False, mixed_precision=precision), codes), precision
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # inside a caller's autocast too
+            assert torch.equal(model.generate(text, do_sample=False, mixed_precision=precision), codes), precision
+
+
+def test_bf16_keeps_the_next_code_distributions_and_seeded_determinism(prior: PriorModel) -> None:
+    """bf16 autocast moves the next-code distributions of a (random) prior by much less than sampling noise,
+    and bf16 sampling is as reproducible under a seed as fp32."""
+    text, codes = captions(8), torch.randint(0, 16, (8, 4, 4))
+    input_ids = prior.build_input_ids(text, codes)
+    with torch.no_grad():
+        fp32 = prior(input_ids, compute_loss=False).logits[:, prior.image_start - 1 : -1, 40:].log_softmax(-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = prior(input_ids, compute_loss=False).logits[:, prior.image_start - 1 : -1, 40:].log_softmax(-1)
+    assert (fp32.exp() * (fp32 - bf16)).sum(-1).max() < 1e-3  # KL(fp32 || bf16) per position, in nats
+    seeded = [prior.generate(text, mixed_precision="bf16", generator=torch.Generator().manual_seed(5)) for _ in "ab"]
+    assert torch.equal(*seeded)
+    with pytest.raises(ValueError, match="mixed_precision must be 'auto', 'no' or 'bf16', got 'fp16'"):
+        prior.generate(text, mixed_precision="fp16")
+
+
+def test_compiled_decoder_samples_the_same_codes_and_compiles_once_per_shape(prior: PriorModel) -> None:
+    """`prior.decoder.compile()` traces two graphs (the prompt, then one token a step) and gives the eager codes."""
+    text = captions(3)
+    eager = [prior.generate(text, guidance_scale=g, generator=torch.Generator().manual_seed(1)) for g in (1.0, 2.0)]
+    graphs = []
+
+    def counting_backend(graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        graphs.append(graph)
+        return graph.forward  # dynamo's tracing, run as traced: no inductor code generation in the test
+
+    torch._dynamo.reset()
+    prior.decoder.compile(backend=counting_backend, dynamic=False)
+    try:
+        assert torch.equal(prior.generate(text, generator=torch.Generator().manual_seed(1)), eager[0])
+        assert len(graphs) == 2, "one graph for the prompt, one for all later steps: no recompile per position"
+        assert torch.equal(prior.generate(text, generator=torch.Generator().manual_seed(1)), eager[0])
+        assert len(graphs) == 2
+        guided = prior.generate(text, guidance_scale=2.0, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(guided, eager[1])
+    finally:
+        torch._dynamo.reset()
 
 
 def test_save_and_load_round_trip(prior: PriorModel, tmp_path) -> None:

@@ -15,7 +15,8 @@ import evaluation.scorer_metrics
 from evaluation import ImageClassifier, evaluate_pipeline, load_or_train_scorer, r_precision
 from pipelines import TextToImagePipeline
 from scorer import ScorerConfig, ScorerModel, TextImageScorer, retrieval_accuracy, top_k_hits, unique_captions
-from scorer.train import ScorerTrainConfig, decode_pairs, train
+from scorer.train import ScorerTrainConfig, train
+from textimage_data import decode_pairs
 from stage2_prior.text_tokenizer import train_text_tokenizer
 from tests.test_evaluation import cache_dir, digits_classifier, pipe  # noqa: F401 (fixtures: a quick classifier,
 #                                                                         a tiny untrained 16px pipeline)
@@ -119,7 +120,7 @@ def test_the_scorer_learns_digits_and_saving_keeps_its_scores(trained: tuple[Pat
 
     scorer = TextImageScorer.from_pretrained(output_dir / "scorer")
     splits = load_text_image_dataset(DataConfig(source="digits", image_size=16))
-    pixels, texts = decode_pairs(splits["validation"], 16)
+    pixels, texts, _ = decode_pairs(splits["validation"], 16)
     captions, index = unique_captions(texts, scorer.tokenizer)
     reloaded = retrieval_accuracy(scorer.similarity(pixels, captions), index)
     assert reloaded == pytest.approx({k: v for k, v in metrics.items() if "_top" in k}, abs=1e-6)  # as in training
@@ -226,6 +227,8 @@ def test_evaluate_pipeline_reports_scorer_metrics_with_and_without_labels(
     unlabelled = evaluate_pipeline(pipe, str(tmp_path / "folder"), guidance_scales=(1.0,), max_prompts=6,
                                    batch_size=6, scorer=scorer, progress=False)
     assert "classifier_validation_accuracy" not in unlabelled and "adherence" not in unlabelled["guidance"]["1.0"]
-    assert set(unlabelled["guidance"]["1.0"]) == {"r_precision", "clip_score", "scorer_frechet_distance",
-                                                   "exact_copy_rate"}
+    assert set(unlabelled["guidance"]["1.0"]) == {"r_precision", "r_precision_distractors", "clip_score",
+                                                   "scorer_frechet_distance", "exact_copy_rate", "near_copy_rate",
+                                                   "nearest_train_distance"}
+    assert 0 <= unlabelled["guidance"]["1.0"]["near_copy_rate"] <= 1  # in the scorer's feature space
     assert unlabelled["real_r_precision"] > 0.1

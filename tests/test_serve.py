@@ -3,7 +3,6 @@ Chromium, the command line, and the app a Hub Space runs; all over a tiny real p
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -33,7 +32,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from pipelines import TextToImagePipeline
 from pipelines.cli import main
 from pipelines.web import DISPLAY_SIZE, build_app, load_app, write_space
-from tests.test_pipeline import tiny_pipeline
+from tests.test_pipeline import tiny_pipeline, tiny_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 DALLEKIT = shutil.which("dallekit")
@@ -183,15 +182,28 @@ def test_a_slow_request_shows_progress_and_blocks_neither_the_page_nor_the_queue
         assert len(first.result(timeout=60)[0]) == 1 and len(second.result(timeout=60)[0]) == 2
 
 
-def test_the_reranking_control_appears_only_with_a_scorer(pipe: TextToImagePipeline) -> None:
+def test_with_a_scorer_the_page_reranks_candidates_and_shows_their_scores(
+    pipe: TextToImagePipeline, tmp_path: Path,
+) -> None:
     def parameters(app: gr.Blocks) -> list[str]:
         endpoint = app.get_api_info()["named_endpoints"]["/generate"]
         return [parameter["parameter_name"] for parameter in endpoint["parameters"]]
 
     assert "num_candidates" not in parameters(build_app(pipe))
-    scoring = copy.copy(pipe)
-    scoring.scorer = torch.nn.Identity()  # only its presence matters to the page
-    assert parameters(build_app(scoring))[-1] == "num_candidates"
+    scoring = TextToImagePipeline(pipe.vqvae, pipe.prior, pipe.tokenizer, pipe.training_info,
+                                  scorer=tiny_scorer(pipe.tokenizer))
+    app = build_app(scoring)
+    assert parameters(app)[-1] == "num_candidates"
+    with serving(app) as url:
+        client = connect(url, tmp_path)
+        images, captions, notes = generate(client, num_images=2, seed=3, num_candidates=6)
+        with pytest.raises(AppError, match=re.escape("num_candidates (1) must be at least num_images_per_prompt (2)")):
+            generate(client, num_images=2, num_candidates=1)
+    expected = scoring(PROMPT, num_images_per_prompt=2, num_candidates=6, generator=torch.Generator().manual_seed(3),
+                       progress=False)
+    np.testing.assert_array_equal(np.stack(images), np.stack(drawn_by(scoring, 2, seed=3, num_candidates=6)))
+    assert captions == [f"#{index + 1} · score {score:.3f} · {PROMPT}" for index, score in enumerate(expected.scores)]
+    assert "the best of 6 candidates by the scorer" in notes
 
 
 def test_a_model_that_cannot_be_loaded_is_explained_in_the_page(pipe: TextToImagePipeline, tmp_path: Path) -> None:

@@ -181,6 +181,42 @@ def test_training_writes_checkpoints_grids_logs_and_model(tmp_path: Path) -> Non
         assert all(torch.equal(saved[key], exported[key]) for key in exported)
 
 
+def logged_scalars(output_dir: Path, tag: str) -> dict[int, float]:
+    """Step -> value of one TensorBoard scalar a run logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in (output_dir / "logs").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if tag in accumulator.Tags()["scalars"]:
+            values |= {event.step: event.value for event in accumulator.Scalars(tag)}
+    return values
+
+
+def test_gumbel_schedules_follow_the_config_and_resume_exactly(tmp_path: Path) -> None:
+    """τ follows its cosine from temperature_start to temperature_end, the KL weight its linear warm-up,
+    and a run resumed from a checkpoint logs the same values at the same steps."""
+    common = ["--quantizer", "gumbel", "--max_steps", "8", "--log_every", "1", "--checkpointing_steps", "4",
+              "--report_to", "tensorboard", "--temperature_start", "2.0", "--temperature_end", "0.25",
+              "--temperature_anneal_steps", "6", "--kl_weight", "0.5", "--kl_warmup_steps", "4", "--deterministic", "true"]
+    full = tmp_path / "full"
+    train(tiny_config(full, *common))
+    temperatures, kl_weights = logged_scalars(full, "train/temperature"), logged_scalars(full, "train/kl_weight")
+    assert sorted(temperatures) == list(range(1, 9))
+    for step, value in temperatures.items():  # logged after the update of step `step`, computed at step - 1
+        assert value == pytest.approx(cosine_anneal(step - 1, 2.0, 0.25, 6), rel=1e-6)
+    assert temperatures[7] == temperatures[8] == pytest.approx(0.25)
+    assert [round(kl_weights[step], 6) for step in range(1, 9)] == [0.0, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5, 0.5]
+
+    resumed = tmp_path / "resumed"
+    train(tiny_config(resumed, *common, "--resume_from_checkpoint", str(full / "checkpoints" / "step_4")))
+    assert logged_scalars(resumed, "train/temperature") == {step: temperatures[step] for step in range(5, 9)}
+    assert logged_scalars(resumed, "train/kl_weight") == {step: kl_weights[step] for step in range(5, 9)}
+    expected, actual = load_file(full / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
+    assert all(torch.equal(actual[key], expected[key]) for key in expected)
+
+
 def test_batch_iteration_resumes_at_the_same_position() -> None:
     """The batch stream from micro-batch k equals the tail of the stream from 0, across epochs."""
     accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=0))

@@ -8,6 +8,8 @@ from .digits import make_digits_dataset
 from .shapes import draw_shape, make_shapes, make_shapes_dataset, parse_shape_caption, shape_caption
 from .sources import BUILTIN_DATASETS, load_text_image_dataset, training_captions
 from .transforms import (
+    DecodedPairs,
+    decode_pairs,
     ImageTransform,
     TextImageCollator,
     background_colour,
@@ -18,6 +20,8 @@ from .transforms import (
 )
 
 __all__ = [
+    "DecodedPairs",
+    "decode_pairs",
     "BUILTIN_DATASETS",
     "AugmentationConfig",
     "DataConfig",

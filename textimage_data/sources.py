@@ -61,7 +61,7 @@ def load_text_image_dataset(config: DataConfig) -> Splits:
 
 def _load_external(config: DataConfig) -> Splits:
     """A local folder or Hub dataset through `datasets.load_dataset`, standardised."""
-    _check_source_exists(config.source)
+    check_source_exists(config.source)
     raw = datasets.load_dataset(config.source, streaming=config.streaming)
     if config.train_split not in raw:
         raise ValueError(
@@ -85,7 +85,7 @@ def _load_external(config: DataConfig) -> Splits:
     return splits_type({"train": train, "validation": validation})
 
 
-def _check_source_exists(source: str) -> None:
+def check_source_exists(source: str) -> None:
     """Raise when `source` is neither an existing path nor shaped like a Hub dataset id."""
     if os.path.exists(source):
         return

@@ -2,7 +2,7 @@
 
 import logging
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import einops
@@ -140,4 +140,23 @@ class TextImageCollator:
         }
         if examples and "label" in examples[0]:
             batch["label"] = torch.tensor([example["label"] for example in kept], dtype=torch.long)
+        if examples and "captions" in examples[0]:
+            batch["captions"] = [list(example["captions"]) for example in kept]
         return batch
+
+
+class DecodedPairs(NamedTuple):
+    """A whole split decoded: pixels [N, 3, S, S] in [-1, 1], each image's caption, and all its captions."""
+
+    pixel_values: torch.Tensor
+    texts: list[str]
+    captions: list[list[str]]  # the `captions` column where the split has one, else [text]
+
+
+def decode_pairs(split: datasets.Dataset, image_size: int) -> DecodedPairs:
+    """Every readable image of `split` with its captions (unreadable ones skipped, with a warning)."""
+    batch = TextImageCollator(image_size)(list(split))
+    if batch["num_skipped"]:
+        logger.warning("skipped %d unreadable images of %d", batch["num_skipped"], len(split))
+    captions = batch.get("captions") or [[text] for text in batch["text"]]
+    return DecodedPairs(batch["pixel_values"], batch["text"], captions)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import (
     DataLoaderConfiguration,
     GradientAccumulationPlugin,
@@ -73,3 +74,48 @@ def create_accelerator(config: TrainingConfig, project_name: str) -> Accelerator
         accelerator.num_processes, accelerator.device, accelerator.mixed_precision,
     )
     return accelerator
+
+
+def finish_training(accelerator: Accelerator) -> None:
+    """Close the trackers, keeping the process group of a multi-process launch for what the program runs next.
+
+    `Accelerator.end_training` would also destroy the process group, which cannot be set up again
+    within the same launch (the rendezvous store keeps the first group's addresses): `dallekit train`
+    trains three models in one launch. The group ends with the program (`run_from_command_line`)
+    or with `continue_on_main_process_alone`.
+    """
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
+def reset_process_state() -> None:
+    """Forget accelerate's per-run state (precision, accumulation), keeping the process group, so that the
+    next `Accelerator` of this process may be set up differently: several trainings in one program."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+# What torchrun / `accelerate launch` set to make a process one of several (accelerate reads these).
+DISTRIBUTED_ENVIRONMENT = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                           "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def continue_on_main_process_alone() -> bool:
+    """End a multi-process launch's distributed part: False on the other processes (they should stop), True on
+    the main process, which from then on is a single process (a later `Accelerator` sees no process group).
+
+    For work after distributed training that only the main process does and that may itself create an
+    `Accelerator`, such as evaluation. A single-process run just returns True.
+    """
+    state = PartialState()
+    if state.num_processes == 1:
+        return True
+    state.wait_for_everyone()
+    is_main = state.is_main_process
+    state.destroy_process_group()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    if is_main:
+        for name in DISTRIBUTED_ENVIRONMENT:
+            os.environ.pop(name, None)
+    return is_main

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+from accelerate.state import PartialState
 
 T = TypeVar("T")
 
@@ -316,3 +317,4 @@ def run_from_command_line(config_cls: type[T], train: Callable[[T], Any], argv: 
         train(load_config(config_cls, args))
     except ConfigError as error:
         sys.exit(f"error: {error}")
+    PartialState().destroy_process_group()  # the trainings keep it for what follows (training.finish_training)

@@ -1,0 +1,224 @@
+"""`dallekit train` and `dallekit demo`: a whole text-to-image pipeline trained on one captioned dataset.
+
+Trains the image tokenizer, the prior on its codes and the reranking scorer with the configs of a
+recipe chosen for the image size (or given), evaluates what the data allows (the evaluation
+scorer's R-precision, CLIPScore and Fréchet distance everywhere; the classifier's adherence on
+data with class labels; exact and near copies), draws samples for held-out and for training
+captions, and saves the pipeline with its model card:
+
+    output_dir/stage1/      the image tokenizer's run (checkpoints, logs, reconstruction grids, model/)
+    output_dir/stage2/      the prior's run (checkpoints, logs, sample grids, prior/, tokenizer/)
+    output_dir/scorer/      the reranking scorer's run (checkpoints, logs, scorer/)
+    output_dir/pipeline/    the saved TextToImagePipeline (with its scorer) and its model card
+    output_dir/samples.png  one row per prompt, the prompt written beside it
+    output_dir/metrics.json stage-1, stage-2 and scorer validation metrics, the evaluation, the time taken
+
+`dallekit demo` is this on a built-in dataset. The reranking scorer trains with its config's seed,
+never the evaluation scorer's (`evaluation.EVALUATION_SEED`): the judge is not the scorer that reranks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from evaluation import EVALUATION_SEED, evaluate_pipeline
+from evaluation.reconstruction import reconstruction_frechet_distance
+from evaluation.classifier import LABELLED_DATASETS
+from pipelines.text_to_image import TextToImagePipeline
+from scorer import TextImageScorer
+from scorer.train import ScorerTrainConfig
+from scorer.train import train as train_scorer
+from stage1_dvae import DVAEModel
+from stage1_dvae.train import Stage1Config
+from stage1_dvae.train import train as train_stage1
+from stage2_prior import PriorModel
+from stage2_prior.train import Stage2Config
+from stage2_prior.train import train as train_stage2
+from textimage_data import BUILTIN_DATASETS, DataConfig, load_text_image_dataset
+from textimage_data.sources import check_source_exists
+from training.accelerator import continue_on_main_process_alone, reset_process_state
+from training.config import ConfigError, load_config
+from training.images import save_image_grid
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+STEPS = 5
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The three training configs for one image size."""
+
+    stage1: Path
+    stage2: Path
+    scorer: Path
+
+
+RECIPES = {
+    32: Recipe(CONFIG_DIR / "dvae/demo.yaml", CONFIG_DIR / "prior/demo.yaml", CONFIG_DIR / "scorer/digits.yaml"),
+    64: Recipe(CONFIG_DIR / "dvae/emoji_vq.yaml", CONFIG_DIR / "prior/emoji.yaml", CONFIG_DIR / "scorer/emoji.yaml"),
+}
+NATIVE_IMAGE_SIZE = {"digits": 32, "shapes": 32, "emoji": 64}  # built-ins; any other source defaults to 64
+
+
+def default_image_size(data: str) -> int:
+    return NATIVE_IMAGE_SIZE.get(data, 64)
+
+
+def recipe_for(data: str, image_size: int) -> Recipe:
+    """The recipe for `image_size`, with the data's own scorer config (`configs/scorer/<name>.yaml`) where one exists."""
+    if image_size not in RECIPES:
+        raise ConfigError(
+            f"there is no training recipe for {image_size}px images (recipes: {', '.join(f'{s}px' for s in RECIPES)}): "
+            "pass --image-size with one of them, or --stage1-config, --stage2-config and --scorer-config"
+        )
+    recipe = RECIPES[image_size]
+    own_scorer = CONFIG_DIR / "scorer" / f"{data}.yaml"
+    return Recipe(recipe.stage1, recipe.stage2, own_scorer if own_scorer.is_file() else recipe.scorer)
+
+
+def sample_prompts(data: DataConfig, num_rows: int = 10) -> list[tuple[str, str]]:
+    """(caption, "held out" | "trained on") rows for the sample grid.
+
+    With class labels: one held-out caption per class (sorted by class), then other held-out
+    captions. Without: held-out captions for the first rows and training captions for the last
+    four, so memorisation and composition can be told apart side by side.
+    """
+    splits = load_text_image_dataset(data)
+    validation = splits["validation"]
+    by_class: dict[int, str] = {}
+    if "label" in validation.column_names:
+        for caption, label in zip(validation["text"], validation["label"]):
+            by_class.setdefault(label, caption)
+    held_out = list(dict.fromkeys([by_class[label] for label in sorted(by_class)] + list(validation["text"])))
+    trained = [] if by_class else list(dict.fromkeys(splits["train"]["text"]))[: num_rows // 2 - 1]
+    rows = [(caption, "held out") for caption in held_out[: num_rows - len(trained)]]
+    return rows + [(caption, "trained on") for caption in trained]
+
+
+def scorer_validation(metrics: dict[str, float]) -> dict[str, float]:
+    """The retrieval figures of a scorer run's metrics (image->text and text->image top-1/top-5 on held-out pairs)."""
+    return {name: value for name, value in metrics.items() if "_to_" in name}
+
+
+def data_licence(data: DataConfig) -> dict[str, str]:
+    """The licence and attribution a dataset's info carries (the built-in emoji: OpenMoji's CC BY-SA 4.0)."""
+    info = load_text_image_dataset(data)["train"].info
+    if not info.license:
+        return {}
+    return {"license": info.license, "license_id": info.license.lower().replace(" ", "-"),
+            "attribution": (info.description or "").strip()}
+
+
+def _banner(step: int, text: str) -> None:
+    print(f"\n[{step}/{STEPS}] {text}", flush=True)
+
+
+def train_pipeline(
+    data: str = "digits",
+    output_dir: str | Path = "outputs/train",
+    image_size: int | None = None,
+    stage1_config: str | Path | None = None,
+    stage2_config: str | Path | None = None,
+    scorer_config: str | Path | None = None,
+    data_overrides: list[str] | tuple[str, ...] = (),
+    guidance_scales: tuple[float, ...] = (1.0, 3.0, 5.0),
+    max_prompts: int | None = None,
+    images_per_prompt: int = 8,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train, evaluate and save; returns what `metrics.json` holds (on the main process; {} on the others
+    of an `accelerate launch`, which take part in the trainings only). Configs are validated before any training.
+
+    `data` is any `data.source` (a built-in name, an image folder with `metadata.jsonl`, a Hub id);
+    `image_size` defaults to the built-in's own size, else 64 (or, when `stage1_config` is given, to
+    that config's); configs default to `recipe_for(...)`;
+    `data_overrides` (e.g. `["--data.caption_languages", "[en, es]"]`) apply to every stage.
+    """
+    output_dir = Path(output_dir)
+    if data not in BUILTIN_DATASETS:
+        check_source_exists(data)  # before any config is read: a mistyped folder is the likeliest mistake
+    if image_size is None and stage1_config is None:
+        image_size = default_image_size(data)
+    missing = None in (stage1_config, stage2_config, scorer_config)
+    recipe = recipe_for(data, image_size or default_image_size(data)) if missing else None
+    stage1_config = Path(stage1_config or recipe.stage1)
+    stage2_config = Path(stage2_config or recipe.stage2)
+    scorer_config = Path(scorer_config or recipe.scorer)
+    size = ["--data.image_size", str(image_size), "--model.image_size", str(image_size)] if image_size else []
+    stage1 = load_config(Stage1Config, ["--config", str(stage1_config), "--data.source", data, *data_overrides,
+                                         *size, "--output_dir", str(output_dir / "stage1")])
+    image_size = stage1.model.image_size  # the given stage-1 config's own, when no size was asked for
+    common = ["--data.source", data, "--data.image_size", str(image_size), *data_overrides]
+    stage2 = load_config(Stage2Config, ["--config", str(stage2_config), *common,
+                                         "--stage1_model", str(output_dir / "stage1" / "model"),
+                                         "--output_dir", str(output_dir / "stage2")])
+    scorer = load_config(ScorerTrainConfig, ["--config", str(scorer_config), *common,
+                                              "--output_dir", str(output_dir / "scorer")])
+    if scorer.training.seed == EVALUATION_SEED:
+        raise ConfigError(
+            f"the reranking scorer's training.seed is {EVALUATION_SEED}, the evaluation scorer's "
+            "(evaluation.EVALUATION_SEED): choose another seed, so that the scorer that reranks is not the judge"
+        )
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+
+    _banner(1, f"training the image tokenizer on {data} at {image_size}px ({stage1_config.name})")
+    stage1_metrics = train_stage1(stage1)
+    reset_process_state()
+    seconds["stage1"] = time.perf_counter() - start
+
+    _banner(2, f"training the prior on captions and image codes ({stage2_config.name})")
+    stage2_metrics = train_stage2(stage2)
+    reset_process_state()
+    seconds["stage2"] = time.perf_counter() - start - sum(seconds.values())
+
+    _banner(3, f"training the reranking scorer ({scorer_config.name}, seed {scorer.training.seed})")
+    scorer_metrics = train_scorer(scorer)
+    reset_process_state()
+    seconds["scorer"] = time.perf_counter() - start - sum(seconds.values())
+
+    if not continue_on_main_process_alone():  # under `accelerate launch`: evaluation and samples on one process
+        return {}
+    pipe = TextToImagePipeline(
+        vqvae=DVAEModel.from_pretrained(output_dir / "stage1" / "model"),
+        prior=PriorModel.from_pretrained(output_dir / "stage2" / "prior"),
+        tokenizer=PreTrainedTokenizerFast.from_pretrained(output_dir / "stage2" / "tokenizer"),
+        scorer=TextImageScorer.from_pretrained(output_dir / "scorer" / "scorer"),
+    )
+    _banner(4, f"evaluating the tokenizer, and the samples at guidance {guidance_scales}")
+    if data in LABELLED_DATASETS:
+        stage1_metrics |= reconstruction_frechet_distance(pipe.vqvae, data)
+    evaluation = evaluate_pipeline(pipe, dataset=stage1.data, guidance_scales=guidance_scales, seed=seed,
+                                   max_prompts=max_prompts)
+    seconds["evaluation"] = time.perf_counter() - start - sum(seconds.values())
+
+    _banner(5, "drawing samples and saving the pipeline")
+    rows = sample_prompts(stage1.data)
+    prompts = [caption for caption, _ in rows]
+    output = pipe(prompts, num_images_per_prompt=images_per_prompt, generator=torch.Generator().manual_seed(seed),
+                  output_type="pt")
+    labels = prompts if all(kind == "held out" for _, kind in rows) else [f"{caption} ({kind})" for caption, kind in rows]
+    save_image_grid(output.images, output_dir / "samples.png", num_rows=len(prompts), scale=2, row_labels=labels)
+    described = f"dallekit's built-in `{data}` dataset" if data in BUILTIN_DATASETS else f"`{data}`"
+    pipe.training_info = {
+        "dataset": data,
+        "data_description": f"{described} (train split) at {image_size}x{image_size}, trained with `dallekit train`.",
+        "example_prompt": prompts[0],
+        "example_prompts": [caption for caption, kind in rows if kind == "held out"],
+        "metrics": evaluation,
+        "scorer_metrics": scorer_validation(scorer_metrics),
+        **data_licence(stage1.data),
+    }
+    pipe.save_pretrained(output_dir / "pipeline")
+    seconds["total"] = time.perf_counter() - start
+    metrics = {"dataset": data, "image_size": image_size, "stage1": stage1_metrics, "stage2": stage2_metrics,
+               "scorer": scorer_metrics, "evaluation": evaluation, "seconds": seconds}
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
