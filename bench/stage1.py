@@ -85,13 +85,13 @@ def run_one(suite: str, name: str, overrides: list[str], curve_every: float) -> 
             sys.exit(child.stderr[-3000:])
         metrics = json.loads((Path(output_dir) / "metrics.json").read_text())
         model_config = json.loads((Path(output_dir) / "model" / "config.json").read_text())
-        frechet = {}
+        judged = {}
         if suite == "digits":
             sys.path.insert(0, str(ROOT))
             from evaluation.reconstruction import reconstruction_frechet_distance
             from stage1_dvae import DVAEModel
 
-            frechet = reconstruction_frechet_distance(DVAEModel.from_pretrained(Path(output_dir) / "model"), suite)
+            judged = reconstruction_frechet_distance(DVAEModel.from_pretrained(Path(output_dir) / "model"), suite)
     grid = model_config["image_size"] // model_config["downsample_factor"]
     result = {
         "benchmark": "stage1",
@@ -110,7 +110,8 @@ def run_one(suite: str, name: str, overrides: list[str], curve_every: float) -> 
         "validation_psnr": round(metrics["psnr"], 2),
         "validation_codebook_usage": round(metrics["codebook_usage"], 4),
         "validation_perplexity": round(metrics["perplexity"], 1),
-        **{key: round(value, 2) for key, value in frechet.items()},
+        **{key: round(value, 2) if isinstance(value, float) else {name: round(share, 4) for name, share in value.items()}
+           for key, value in judged.items()},
         "curve": curve(metrics["history"], curve_every),
         "cpu": cpu_name(),
     }

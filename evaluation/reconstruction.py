@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from evaluation.classifier import classify, decode_split, load_labelled_splits, load_or_train_classifier
+from evaluation.classifier import (
+    ClassifierConfig,
+    classify,
+    decode_split,
+    load_labelled_splits,
+    load_or_train_classifier,
+)
 from evaluation.metrics import frechet_distance
 
 
@@ -73,21 +81,35 @@ def reconstruct(model, pixel_values: torch.Tensor, batch_size: int = 128) -> tor
     return torch.cat(batches)
 
 
-def reconstruction_frechet_distance(model, dataset: str, batch_size: int = 128) -> dict[str, float]:
+def reconstruction_frechet_distance(
+    model, dataset: str, batch_size: int = 128, classifier_config: ClassifierConfig | None = None,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """How far the tokenizer's reconstructions of a built-in dataset's validation images are from real images.
 
     Fréchet distance, in the feature space of the independent classifier
     (`evaluation.classifier`), between the reconstructed validation images and the real training
     images (`reconstruction_frechet_distance`), beside the same distance for the real validation
-    images (`real_frechet_distance`, the floor a perfect tokenizer would reach).
+    images (`real_frechet_distance`, the floor a perfect tokenizer would reach); and, per class
+    attribute, the share of reconstructions the classifier puts in their image's true class
+    (`reconstruction_accuracy`, e.g. a square still seen as a square) beside the same on the real
+    images (`real_accuracy`): what the tokenizer alone caps adherence at.
     """
     image_size = model.config.image_size
     splits = load_labelled_splits(dataset, image_size)
-    classifier = load_or_train_classifier(dataset, image_size)
+    classifier = load_or_train_classifier(dataset, image_size, classifier_config, cache_dir=cache_dir)
     train_features = classify(classifier, decode_split(splits["train"], image_size)[0])[0]
-    validation_pixels = decode_split(splits["validation"], image_size)[0]
+    validation_pixels, labels = decode_split(splits["validation"], image_size)
     reconstructions = reconstruct(model, validation_pixels, batch_size)
+    real_features, real_predictions = classify(classifier, validation_pixels)
+    features, predictions = classify(classifier, reconstructions)
+
+    def accuracy(predicted: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {name: (predicted[name] == labels[name]).float().mean().item() for name in labels}
+
     return {
-        "reconstruction_frechet_distance": frechet_distance(classify(classifier, reconstructions)[0], train_features),
-        "real_frechet_distance": frechet_distance(classify(classifier, validation_pixels)[0], train_features),
+        "reconstruction_frechet_distance": frechet_distance(features, train_features),
+        "real_frechet_distance": frechet_distance(real_features, train_features),
+        "reconstruction_accuracy": accuracy(predictions),
+        "real_accuracy": accuracy(real_predictions),
     }

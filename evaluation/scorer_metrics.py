@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import random
 import re
 import shutil
@@ -35,7 +36,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState, is_initialized
 
 from evaluation.classifier import default_cache_dir
-from scorer import TextImageScorer, top_k_hits, unique_captions
+from scorer import ScorerConfig, TextImageScorer, top_k_hits, unique_captions
 from scorer.train import ScorerTrainConfig, train
 from textimage_data import DataConfig, load_text_image_dataset
 from training.checkpointing import write_directory
@@ -136,6 +137,16 @@ def _process_state_kept() -> Iterator[None]:
                 GradientState._reset_state()
 
 
+def levels_for_image_size(model: ScorerConfig, image_size: int) -> ScorerConfig:
+    """`model` with as many image-encoder levels as `image_size` allows: a recipe made for larger
+    images (the emoji's four levels at 64px) drops its last levels where they would shrink the feature
+    map below `image_pool_size` (three at 16px)."""
+    levels = 1 + int(math.log2(max(image_size // model.image_pool_size, 1)))
+    fitted = copy.deepcopy(model)
+    fitted.image_channels = list(model.image_channels[:levels])
+    return fitted
+
+
 def load_or_train_scorer(
     dataset: str | DataConfig,
     image_size: int,
@@ -163,6 +174,7 @@ def load_or_train_scorer(
     config = dataclasses.replace(  # validated again, the model's image size following the data's
         config,
         data=dataclasses.replace(data, image_size=image_size),
+        model=levels_for_image_size(config.model, image_size),
         training=dataclasses.replace(
             run, seed=seed, mixed_precision=mixed_precision, output_dir="", report_to="none", progress=False,
             push_to_hub=False, resume_from_checkpoint=None, checkpointing_steps=run.max_steps,

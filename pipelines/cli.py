@@ -144,10 +144,17 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    """Prompt adherence, Fréchet distance and copy rates of a saved pipeline as JSON."""
+    """R-precision, CLIPScore, Fréchet distance and copy rates of a saved pipeline (adherence on labelled data) as JSON."""
     from evaluation import evaluate_pipeline
 
-    _check_builtin(args.dataset)
+    from textimage_data import BUILTIN_DATASETS
+    from textimage_data.sources import check_source_exists
+
+    if args.dataset not in BUILTIN_DATASETS:
+        try:
+            check_source_exists(args.dataset)
+        except FileNotFoundError as error:
+            raise UserError(str(error)) from None
     pipe = _load_pipeline(args.model)
     metrics = evaluate_pipeline(pipe, dataset=args.dataset, guidance_scales=tuple(args.guidance_scales),
                                 seed=args.seed, max_prompts=args.max_prompts)
@@ -242,9 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", required=True, type=Path, help="the grid image to write (PNG)")
     generate.set_defaults(run=_generate)
 
-    evaluate = commands.add_parser("evaluate", help="prompt adherence, Fréchet distance, copy rates as JSON")
+    evaluate = commands.add_parser(
+        "evaluate", help="R-precision, CLIPScore, adherence (labelled data), Fréchet distance, copy rates as JSON")
     evaluate.add_argument("--model", required=True, help="directory or Hub id of a saved pipeline")
-    evaluate.add_argument("--dataset", default="digits", help="built-in dataset with classes: digits or shapes")
+    evaluate.add_argument("--dataset", default="digits",
+                          help="the data it was trained on: a built-in name (digits and shapes add the classifier's "
+                               "adherence), an image folder or a Hub dataset id (default: digits)")
     evaluate.add_argument("--guidance-scales", type=_positive_float, nargs="+", default=[1.0, 3.0, 5.0])
     evaluate.add_argument("--max-prompts", type=_positive_int, default=None,
                           help="evaluate on this many validation captions (default: all)")

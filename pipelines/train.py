@@ -19,6 +19,7 @@ never the evaluation scorer's (`evaluation.EVALUATION_SEED`): the judge is not t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -81,6 +82,23 @@ def recipe_for(data: str, image_size: int) -> Recipe:
     recipe = RECIPES[image_size]
     own_scorer = CONFIG_DIR / "scorer" / f"{data}.yaml"
     return Recipe(recipe.stage1, recipe.stage2, own_scorer if own_scorer.is_file() else recipe.scorer)
+
+
+def evaluate_languages(
+    pipe: TextToImagePipeline, data: DataConfig, guidance_scales: tuple[float, ...], seed: int, max_prompts: int | None
+) -> dict[str, dict[str, Any]]:
+    """The evaluation at the middle guidance scale once per caption language: the same held-out images,
+    prompted and judged in that language (`data.caption_languages` reordered to put it first; the
+    evaluation scorer of each trains on the captions of every language)."""
+    scale = sorted(guidance_scales)[len(guidance_scales) // 2]
+    by_language = {}
+    for language in data.caption_languages:
+        others = [other for other in data.caption_languages if other != language]
+        judged = evaluate_pipeline(pipe, dataset=dataclasses.replace(data, caption_languages=[language, *others]),
+                                   guidance_scales=(scale,), seed=seed, max_prompts=max_prompts)
+        by_language[language] = {"guidance_scale": scale, **judged["guidance"][str(float(scale))],
+                                 **{name: value for name, value in judged.items() if name.startswith("real_")}}
+    return by_language
 
 
 def sample_prompts(data: DataConfig, num_rows: int = 10) -> list[tuple[str, str]]:
@@ -197,6 +215,8 @@ def train_pipeline(
         stage1_metrics |= reconstruction_frechet_distance(pipe.vqvae, data)
     evaluation = evaluate_pipeline(pipe, dataset=stage1.data, guidance_scales=guidance_scales, seed=seed,
                                    max_prompts=max_prompts)
+    if len(stage1.data.caption_languages) > 1:
+        evaluation["by_language"] = evaluate_languages(pipe, stage1.data, guidance_scales, seed, max_prompts)
     seconds["evaluation"] = time.perf_counter() - start - sum(seconds.values())
 
     _banner(5, "drawing samples and saving the pipeline")

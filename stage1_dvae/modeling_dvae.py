@@ -75,7 +75,9 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(previous, out_channels, 3, padding=1)
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(self.layers(embeddings))
+        # Code embeddings arrive channels-last from einsum/permute; in that layout every GroupNorm on
+        # CPU takes a path 8-20x slower (a Gumbel training step ran 1.6x slower, decoding likewise).
+        return self.conv_out(self.layers(embeddings.contiguous()))
 
 
 @dataclass

@@ -96,13 +96,13 @@ def test_generate_candidates_without_a_scorer_is_one_line(tmp_path: Path) -> Non
         "dallekit generate: error: --candidates needs a pipeline with a scorer to rerank")
 
 
-def captioned_folder(root: Path, num_images: int = 60, broken: int = 3) -> Path:
+def captioned_folder(root: Path, num_images: int = 60, broken: int = 3, image_size: int = 24) -> Path:
     """A user's image folder: coloured shapes as PNGs with their captions in `metadata.jsonl`, and a few broken files."""
     from textimage_data import make_shapes
 
     root.mkdir(parents=True)
     rows = []
-    for index, (image, caption, _) in enumerate(make_shapes(num_images, image_size=24, seed=1)):
+    for index, (image, caption, _) in enumerate(make_shapes(num_images, image_size=image_size, seed=1)):
         image.save(root / f"{index:03d}.png")
         rows.append({"file_name": f"{index:03d}.png", "text": caption})
     for index in range(broken):
@@ -132,6 +132,47 @@ def test_train_on_a_folder_end_to_end_and_the_pipeline_samples(tmp_path: Path) -
                          cache=tmp_path / "cache")
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert Image.open(tmp_path / "mine.png").height == 2 + 16 * 2 + 2
+    evaluated = dallekit("evaluate", "--model", str(output_dir / "pipeline"), "--dataset", str(folder),
+                         "--guidance-scales", "3", "--max-prompts", "4", cache=tmp_path / "cache")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "r_precision" in json.loads(evaluated.stdout)["guidance"]["3.0"]
+
+
+def test_train_at_64px_saves_loads_and_samples_64px_images(tmp_path: Path) -> None:
+    """Both stages at 64x64 (a tiny tokenizer with 8x8 codes), then the saved pipeline loads and draws 64x64 images."""
+    from pipelines import TextToImagePipeline
+
+    folder = captioned_folder(tmp_path / "my_images", num_images=48, broken=0, image_size=64)
+    stage1 = yaml.safe_load((ROOT / "configs/dvae/tiny.yaml").read_text())
+    stage1["model"] |= {"downsample_factor": 8, "channel_multipliers": [1, 1, 2, 2]}  # 8x8 codes at 64px
+    (tmp_path / "tiny64.yaml").write_text(yaml.safe_dump(stage1))
+    output_dir = tmp_path / "run"
+    result = dallekit("train", "--data", str(folder), "--image-size", "64", "--output-dir", str(output_dir),
+                      "--stage1-config", str(tmp_path / "tiny64.yaml"), "--stage2-config", "configs/prior/tiny.yaml",
+                      "--scorer-config", "configs/scorer/tiny.yaml", cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((output_dir / "metrics.json").read_text())["image_size"] == 64
+    pipe = TextToImagePipeline.from_pretrained(output_dir / "pipeline")
+    assert pipe.vqvae.config.image_size == 64 and pipe.scorer is not None
+    output = pipe(["a red circle on the left"], num_images_per_prompt=2, num_candidates=4, guidance_scale=3.0)
+    assert [image.size for image in output.images] == [(64, 64), (64, 64)] and len(output.scores) == 2
+    with Image.open(output_dir / "samples.png") as grid:
+        assert grid.width > 8 * 64  # eight 64px samples per row, the prompt beside them
+
+
+def test_train_in_two_caption_languages_reports_each_language(tmp_path: Path) -> None:
+    """The emoji captioned in English and Spanish: one model, judged once per language on the same held-out images."""
+    output_dir = tmp_path / "run"
+    result = dallekit("train", "--data", "emoji", "--image-size", "16", "--caption-languages", "en", "es",
+                      "--output-dir", str(output_dir), "--stage1-config", "configs/dvae/tiny.yaml",
+                      "--stage2-config", "configs/prior/tiny.yaml", "--scorer-config", "configs/scorer/tiny.yaml",
+                      "--max-prompts", "6", cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    by_language = json.loads((output_dir / "metrics.json").read_text())["evaluation"]["by_language"]
+    assert set(by_language) == {"en", "es"}
+    for figures in by_language.values():
+        assert figures["guidance_scale"] == 3.0 and 0.0 <= figures["r_precision"] <= 1.0
+        assert 0.0 <= figures["real_r_precision"] <= 1.0
 
 
 def test_train_under_accelerate_launch_trains_on_two_processes_and_reports_once(tmp_path: Path) -> None:
@@ -175,7 +216,7 @@ def test_evaluate_prints_json(demo_run: tuple[Path, Path]) -> None:
         (["generate", "--model", "./missing", "--prompt", "a seven", "--num-images", "-2", "--out", "x.png"],
          "expected a positive whole number"),
         (["evaluate", "--model", "./missing"], "does not exist"),
-        (["evaluate", "--model", "./missing", "--dataset", "cats"], "unknown dataset 'cats'"),
+        (["evaluate", "--model", "./missing", "--dataset", "./no/such/folder"], "is not a built-in dataset"),
         (["demo", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (["demo", "--stage1-config", "configs/dvae/nope.yaml"], "not found"),
         (["train", "--data", "./no_such_folder"], "no_such_folder"),

@@ -22,6 +22,7 @@ from evaluation import (
     prompt_adherence,
     train_classifier,
 )
+from evaluation.reconstruction import reconstruction_frechet_distance
 from pipelines import TextToImagePipeline
 from pipelines.text_to_image import TextToImageOutput
 from scorer import TextImageScorer
@@ -66,6 +67,19 @@ def pipe() -> TextToImagePipeline:
         intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
     ))
     return TextToImagePipeline(vqvae=DVAEModel(tiny_dvae_config("gumbel")), prior=prior, tokenizer=tokenizer)
+
+
+def test_reconstruction_metrics_show_what_an_untrained_tokenizer_loses(
+    digits_classifier: ImageClassifier, cache_dir: Path
+) -> None:
+    """An untrained tokenizer's reconstructions: far from real images, and no longer recognisable as their digit."""
+    torch.manual_seed(0)
+    result = reconstruction_frechet_distance(DVAEModel(tiny_dvae_config("vq")), "digits", classifier_config=QUICK,
+                                             cache_dir=cache_dir)
+    assert result["real_frechet_distance"] < result["reconstruction_frechet_distance"]
+    assert set(result["real_accuracy"]) == set(result["reconstruction_accuracy"]) == {"label"}
+    assert result["real_accuracy"]["label"] > 0.8
+    assert result["reconstruction_accuracy"]["label"] < result["real_accuracy"]["label"] - 0.4
 
 
 class CopyingPipeline(TextToImagePipeline):

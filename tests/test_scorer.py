@@ -232,3 +232,16 @@ def test_evaluate_pipeline_reports_scorer_metrics_with_and_without_labels(
                                                    "nearest_train_distance"}
     assert 0 <= unlabelled["guidance"]["1.0"]["near_copy_rate"] <= 1  # in the scorer's feature space
     assert unlabelled["real_r_precision"] > 0.1
+
+
+def test_the_evaluation_scorer_recipe_fits_smaller_images() -> None:
+    """The emoji recipe (four levels, made for 64px) keeps the levels that 16px images allow and builds there."""
+    from evaluation.scorer_metrics import levels_for_image_size
+    from scorer import ScorerConfig
+
+    recipe = ScorerConfig(image_size=64, image_channels=[16, 32, 64, 64])
+    assert levels_for_image_size(recipe, 64).image_channels == [16, 32, 64, 64]
+    small = levels_for_image_size(recipe, 16)
+    assert small.image_channels == [16, 32, 64] and recipe.image_channels == [16, 32, 64, 64]
+    small.image_size = 16
+    small.validate()

