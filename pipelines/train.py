@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from evaluation import EVALUATION_SEED, evaluate_pipeline
+from evaluation import EVALUATION_SEED, evaluate_pipeline, load_or_train_scorer
 from evaluation.reconstruction import reconstruction_frechet_distance
 from evaluation.classifier import LABELLED_DATASETS
 from pipelines.text_to_image import TextToImagePipeline
@@ -88,14 +88,15 @@ def evaluate_languages(
     pipe: TextToImagePipeline, data: DataConfig, guidance_scales: tuple[float, ...], seed: int, max_prompts: int | None
 ) -> dict[str, dict[str, Any]]:
     """The evaluation at the middle guidance scale once per caption language: the same held-out images,
-    prompted and judged in that language (`data.caption_languages` reordered to put it first; the
-    evaluation scorer of each trains on the captions of every language)."""
+    prompted in that language (`data.caption_languages` reordered to put it first) and judged by one
+    evaluation scorer, the one of `data`, which trained on the captions of every language."""
+    judge = load_or_train_scorer(data, pipe.vqvae.config.image_size)  # cached by the main evaluation
     scale = sorted(guidance_scales)[len(guidance_scales) // 2]
     by_language = {}
     for language in data.caption_languages:
         others = [other for other in data.caption_languages if other != language]
         judged = evaluate_pipeline(pipe, dataset=dataclasses.replace(data, caption_languages=[language, *others]),
-                                   guidance_scales=(scale,), seed=seed, max_prompts=max_prompts)
+                                   guidance_scales=(scale,), seed=seed, max_prompts=max_prompts, scorer=judge)
         by_language[language] = {"guidance_scale": scale, **judged["guidance"][str(float(scale))],
                                  **{name: value for name, value in judged.items() if name.startswith("real_")}}
     return by_language

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(DALLEKIT is None, reason="the dallekit entry poi
 
 def dallekit(*args: str, cache: Path) -> subprocess.CompletedProcess:
     env = os.environ | {"DALLEKIT_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    return subprocess.run([DALLEKIT, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    return subprocess.run([DALLEKIT, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
 
 
 @pytest.fixture(scope="module")
