@@ -88,10 +88,10 @@ def run_one(suite: str, name: str, overrides: list[str], curve_every: float) -> 
         judged = {}
         if suite == "digits":
             sys.path.insert(0, str(ROOT))
-            from evaluation.reconstruction import reconstruction_frechet_distance
+            from evaluation.reconstruction import judge_reconstructions
             from stage1_dvae import DVAEModel
 
-            judged = reconstruction_frechet_distance(DVAEModel.from_pretrained(Path(output_dir) / "model"), suite)
+            judged = judge_reconstructions(DVAEModel.from_pretrained(Path(output_dir) / "model"), suite)
     grid = model_config["image_size"] // model_config["downsample_factor"]
     result = {
         "benchmark": "stage1",

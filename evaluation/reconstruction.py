@@ -81,11 +81,11 @@ def reconstruct(model, pixel_values: torch.Tensor, batch_size: int = 128) -> tor
     return torch.cat(batches)
 
 
-def reconstruction_frechet_distance(
+def judge_reconstructions(
     model, dataset: str, batch_size: int = 128, classifier_config: ClassifierConfig | None = None,
     cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """How far the tokenizer's reconstructions of a built-in dataset's validation images are from real images.
+    """The classifier's view of a tokenizer's reconstructions of a labelled built-in's validation images.
 
     Fréchet distance, in the feature space of the independent classifier
     (`evaluation.classifier`), between the reconstructed validation images and the real training

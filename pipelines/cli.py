@@ -167,7 +167,7 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader
 
     from evaluation.classifier import LABELLED_DATASETS
-    from evaluation.reconstruction import evaluate_tokenizer, reconstruction_frechet_distance
+    from evaluation.reconstruction import evaluate_tokenizer, judge_reconstructions
     from stage1_dvae import DVAEModel
     from textimage_data import DataConfig, TextImageCollator, load_text_image_dataset
 
@@ -188,7 +188,7 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> None:
     loader = DataLoader(splits["validation"], batch_size=args.batch_size, collate_fn=TextImageCollator(data_config.image_size))
     metrics = evaluate_tokenizer(model.to(device), (batch["pixel_values"] for batch in loader))
     if args.dataset in LABELLED_DATASETS:  # an independent classifier can judge the reconstructions
-        metrics |= reconstruction_frechet_distance(model, args.dataset, args.batch_size)
+        metrics |= judge_reconstructions(model, args.dataset, args.batch_size)
     print(json.dumps({"model": str(args.model), "dataset": args.dataset, **metrics}, indent=2))
 
 

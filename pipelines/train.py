@@ -30,7 +30,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from evaluation import EVALUATION_SEED, evaluate_pipeline, load_or_train_scorer
-from evaluation.reconstruction import reconstruction_frechet_distance
+from evaluation.reconstruction import judge_reconstructions
 from evaluation.classifier import LABELLED_DATASETS
 from pipelines.text_to_image import TextToImagePipeline
 from scorer import TextImageScorer
@@ -213,7 +213,7 @@ def train_pipeline(
     )
     _banner(4, f"evaluating the tokenizer, and the samples at guidance {guidance_scales}")
     if data in LABELLED_DATASETS:
-        stage1_metrics |= reconstruction_frechet_distance(pipe.vqvae, data)
+        stage1_metrics |= judge_reconstructions(pipe.vqvae, data)
     evaluation = evaluate_pipeline(pipe, dataset=stage1.data, guidance_scales=guidance_scales, seed=seed,
                                    max_prompts=max_prompts)
     if len(stage1.data.caption_languages) > 1:

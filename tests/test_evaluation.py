@@ -22,7 +22,7 @@ from evaluation import (
     prompt_adherence,
     train_classifier,
 )
-from evaluation.reconstruction import reconstruction_frechet_distance
+from evaluation.reconstruction import judge_reconstructions
 from pipelines import TextToImagePipeline
 from pipelines.text_to_image import TextToImageOutput
 from scorer import TextImageScorer
@@ -74,7 +74,7 @@ def test_reconstruction_metrics_show_what_an_untrained_tokenizer_loses(
 ) -> None:
     """An untrained tokenizer's reconstructions: far from real images, and no longer recognisable as their digit."""
     torch.manual_seed(0)
-    result = reconstruction_frechet_distance(DVAEModel(tiny_dvae_config("vq")), "digits", classifier_config=QUICK,
+    result = judge_reconstructions(DVAEModel(tiny_dvae_config("vq")), "digits", classifier_config=QUICK,
                                              cache_dir=cache_dir)
     assert result["real_frechet_distance"] < result["reconstruction_frechet_distance"]
     assert set(result["real_accuracy"]) == set(result["reconstruction_accuracy"]) == {"label"}
