@@ -63,7 +63,8 @@ class Recipe:
 
 RECIPES = {
     32: Recipe(CONFIG_DIR / "dvae/demo.yaml", CONFIG_DIR / "prior/demo.yaml", CONFIG_DIR / "scorer/digits.yaml"),
-    64: Recipe(CONFIG_DIR / "dvae/emoji_vq.yaml", CONFIG_DIR / "prior/emoji.yaml", CONFIG_DIR / "scorer/emoji.yaml"),
+    64: Recipe(CONFIG_DIR / "dvae/emoji_vq_8x8.yaml", CONFIG_DIR / "prior/emoji_8x8.yaml",
+               CONFIG_DIR / "scorer/emoji.yaml"),
 }
 NATIVE_IMAGE_SIZE = {"digits": 32, "shapes": 32, "emoji": 64}  # built-ins; any other source defaults to 64
 

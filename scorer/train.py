@@ -34,7 +34,13 @@ from textimage_data import DataConfig, decode_pairs, load_text_image_dataset, tr
 from textimage_data.transforms import random_shift
 from training.accelerator import create_accelerator, finish_training
 from training.checkpointing import CheckpointManager, TrainState, resolve_checkpoint
-from training.config import ConfigError, TrainingConfig, run_from_command_line, to_dict
+from training.config import (
+    PRIOR_ONLY_GRADIENT_CHECKPOINTING,
+    ConfigError,
+    TrainingConfig,
+    run_from_command_line,
+    to_dict,
+)
 from training.data import iterate_batches
 from training.optim import create_lr_scheduler, create_optimizer
 from training.reporting import flat_hparams, format_metrics
@@ -69,6 +75,8 @@ class ScorerTrainConfig:
             )
         if self.data.streaming:
             raise ValueError("data.streaming must be false: the scorer decodes every image of its splits once")
+        if self.training.gradient_checkpointing:
+            raise ValueError(PRIOR_ONLY_GRADIENT_CHECKPOINTING)
         self.model.image_size = self.data.image_size  # the model reads the images the data holds
         self.model.validate()
 

@@ -34,7 +34,8 @@ class DVAEConfig(PreTrainedConfig):
     # Gumbel-softmax dVAE
     straight_through: bool = False
     kl_weight: float = 0.05
-    marginal_kl_weight: float = 0.0  # KL of the batch-averaged posterior to uniform: codebook usage
+    # Gumbel and FSQ: KL of the batch-averaged posterior to uniform, a codebook-usage term
+    marginal_kl_weight: float = 0.0
     # VQ-VAE
     codebook_dim: int | None = None
     use_l2_norm: bool = False

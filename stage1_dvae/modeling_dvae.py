@@ -176,9 +176,11 @@ class DVAEModel(DVAEPreTrainedModel):
         recon_loss = reconstruction_loss(output, pixel_values, kind, eps)
         if isinstance(self.quantizer, GumbelQuantizer):
             weight = self.config.kl_weight if kl_weight is None else kl_weight
-            loss = recon_loss + weight * quantized.loss + self.config.marginal_kl_weight * quantized.marginal_kl
+            loss = recon_loss + weight * quantized.loss
         else:
             loss = recon_loss + quantized.loss
+        if quantized.marginal_kl is not None and self.config.marginal_kl_weight:
+            loss = loss + self.config.marginal_kl_weight * quantized.marginal_kl
         return DVAEOutput(
             loss=loss,
             reconstruction_loss=recon_loss,

@@ -34,7 +34,7 @@ from stage1_dvae.modeling_dvae import DVAEModel
 from textimage_data import DataConfig, TextImageCollator, load_text_image_dataset
 from training.accelerator import create_accelerator, finish_training
 from training.checkpointing import CheckpointManager, TrainState, resolve_checkpoint
-from training.config import TrainingConfig, run_from_command_line, to_dict
+from training.config import PRIOR_ONLY_GRADIENT_CHECKPOINTING, TrainingConfig, run_from_command_line, to_dict
 from training.data import iterate_batches
 from training.images import save_image_grid
 from training.optim import create_lr_scheduler, create_optimizer
@@ -105,6 +105,8 @@ class Stage1Config:
             )
         if self.num_grid_images < 1:
             raise ValueError(f"num_grid_images must be >= 1, got {self.num_grid_images}")
+        if self.training.gradient_checkpointing:
+            raise ValueError(PRIOR_ONLY_GRADIENT_CHECKPOINTING)
 
 
 def _temperature_and_kl_weight(config: Stage1Config, step: int) -> tuple[float, float]:

@@ -115,6 +115,7 @@ class PriorPreTrainedModel(StrictPreTrainedModel):
     base_model_prefix = "prior"
     main_input_name = "input_ids"
     _supports_sdpa = True
+    supports_gradient_checkpointing = True  # the decoder's layers
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):

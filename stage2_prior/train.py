@@ -178,6 +178,8 @@ def train(config: Stage2Config) -> dict[str, float]:
     prompts = list(dict.fromkeys(splits["validation"]["text"]))[: config.sample_prompts]
 
     model = PriorModel(config.model)
+    if run.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = create_optimizer(model, run)
     lr_scheduler = create_lr_scheduler(optimizer, run)  # stepped by hand once per optimiser step
     state = TrainState()

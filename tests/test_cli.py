@@ -190,8 +190,11 @@ def test_train_under_accelerate_launch_trains_on_two_processes_and_reports_once(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # stage 1, stage 2 and the scorer on both ranks; then the evaluation scorer on the main process alone
-    assert result.stderr.count("accelerator: 2 process(es)") == 6
-    assert result.stderr.count("accelerator: 1 process(es)") == 1
+    assert result.stderr.count("accelerator: 2 process(es), strategy DDP") == 6
+    assert result.stderr.count("accelerator: 1 process(es), strategy single process") == 1
+    # the log names the batch an optimiser step sees: 16 per process (stages) or 32 (scorer), on 2 processes
+    assert result.stderr.count("effective batch 32 (16 per process x 2 process(es) x 1 accumulation step(s))") == 4
+    assert result.stderr.count("effective batch 64 (32 per process x 2 process(es) x 1 accumulation step(s))") == 2
     assert result.stdout.count("[4/5] evaluating") == 1 and result.stdout.count("took ") == 1
     for stage in ("stage1", "stage2", "scorer"):  # both ranks' random states: both trained
         assert len(list((output_dir / stage / "checkpoints").glob("step_8/random_states_*"))) == 2

@@ -14,7 +14,8 @@ from transformers import AutoModel
 from evaluation.reconstruction import psnr_from_mse
 from stage1_dvae import DVAEConfig, DVAEModel
 from stage1_dvae.quantizers import FiniteScalarQuantizer
-from stage1_dvae.quantizers.gumbel import kl_to_uniform, marginal_kl_to_uniform
+from stage1_dvae.quantizers.base import marginal_kl_to_uniform
+from stage1_dvae.quantizers.gumbel import kl_to_uniform
 from tests.conftest import tiny_dvae_config
 
 
@@ -162,6 +163,42 @@ def test_fsq_straight_through_gradient_is_the_gradient_of_the_bound() -> None:
     expected = torch.func.grad(lambda v: (quantizer.bound(v) / torch.tensor([4.0, 2.0, 2.0])).sum())(z.detach())
     torch.testing.assert_close(z.grad, expected)
     assert (z.grad > 0).all()  # tanh is increasing: no dead zones, unlike a rounded value
+
+
+def test_fsq_soft_posterior_is_the_product_of_the_channels_in_code_order() -> None:
+    quantizer = FiniteScalarQuantizer([4, 3, 2], embedding_dim=8)
+    pre_images = fsq_pre_images(quantizer)
+    for code in (0, 5, 23):  # a batch all on one grid point: the average posterior peaks on that code
+        mean_posterior = quantizer.mean_code_posterior(quantizer.bound(pre_images[code].expand(7, 3)))
+        assert mean_posterior.shape == (24,) and mean_posterior.argmax().item() == code
+    bounded = quantizer.bound(torch.randn(50, 3) * 2)
+    per_channel = [torch.softmax(-(bounded[:, i, None] - (torch.arange(n) - n // 2)).square(), dim=-1)
+                   for i, n in enumerate((4, 3, 2))]
+    by_hand = torch.einsum("na,nb,nc->ncba", *per_channel).reshape(50, 24).mean(dim=0)  # digit 0 least significant
+    torch.testing.assert_close(quantizer.mean_code_posterior(bounded), by_hand)
+
+
+def test_fsq_marginal_kl_spreads_collapsed_codes_and_is_weighted_into_the_loss() -> None:
+    torch.manual_seed(0)
+    quantizer = FiniteScalarQuantizer([5, 5, 5], embedding_dim=8).train()
+    latents = (torch.randn(256, 8) * 0.01).requires_grad_()  # every position on the centre code
+    optimizer = torch.optim.Adam([latents, *quantizer.parameters()], lr=0.05)
+    distinct_before = quantizer.codes(latents.detach()[:, :, None, None]).unique().numel()
+    for _ in range(100):
+        optimizer.zero_grad()
+        quantizer(latents[:, :, None, None]).marginal_kl.backward()
+        optimizer.step()
+    distinct_after = quantizer.codes(latents.detach()[:, :, None, None]).unique().numel()
+    assert distinct_before <= 2 and distinct_after >= 60, (distinct_before, distinct_after)  # of 125 codes
+    assert quantizer.eval()(latents[:, :, None, None]).marginal_kl is None  # training only
+
+    model = DVAEModel(tiny_dvae_config("fsq", marginal_kl_weight=0.5)).train()
+    torch.manual_seed(0)
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    output = model(pixels)
+    latents = model.encoder(pixels)
+    marginal_kl = model.quantizer(latents).marginal_kl
+    torch.testing.assert_close(output.loss, output.reconstruction_loss + 0.5 * marginal_kl)
 
 
 def test_fsq_config_takes_its_codebook_size_from_the_levels() -> None:

@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import (
     DataLoaderConfiguration,
+    DistributedType,
     GradientAccumulationPlugin,
     ProjectConfiguration,
     parse_flag_from_env,
@@ -70,10 +71,27 @@ def create_accelerator(config: TrainingConfig, project_name: str) -> Accelerator
         # Soft one-hots at low temperature are full of subnormal floats, which are very slow on CPU.
         torch.set_flush_denormal(True)
     logger.info(
-        "accelerator: %d process(es), device %s, mixed precision %s",
-        accelerator.num_processes, accelerator.device, accelerator.mixed_precision,
+        "accelerator: %d process(es), strategy %s, device %s, mixed precision %s, effective batch %d "
+        "(%d per process x %d process(es) x %d accumulation step(s))",
+        accelerator.num_processes, distributed_strategy(accelerator), accelerator.device, accelerator.mixed_precision,
+        config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
+        config.batch_size, accelerator.num_processes, config.gradient_accumulation_steps,
     )
     return accelerator
+
+
+def distributed_strategy(accelerator: Accelerator) -> str:
+    """How the model is spread over the processes: "single process", "DDP", "FSDP" or "DeepSpeed".
+
+    Named from what accelerate set up, not from what the launch config asked for: a launch
+    config's FSDP that accelerate could not apply shows here as DDP.
+    """
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return "FSDP"
+    if kind == DistributedType.DEEPSPEED:
+        return "DeepSpeed"
+    return "single process" if accelerator.num_processes == 1 else "DDP"
 
 
 def finish_training(accelerator: Accelerator) -> None:

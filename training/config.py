@@ -234,6 +234,12 @@ def to_dict(config: Any) -> dict[str, Any]:
     return result
 
 
+PRIOR_ONLY_GRADIENT_CHECKPOINTING = (
+    "training.gradient_checkpointing applies to the prior (stage 2) only; the image tokenizer's and the "
+    "scorer's activations are small: remove it from this config"
+)
+
+
 @dataclasses.dataclass
 class TrainingConfig:
     """Loop settings shared by both stages (optimiser, schedule, precision, checkpoints, logging)."""
@@ -241,7 +247,7 @@ class TrainingConfig:
     output_dir: str = "outputs/run"
     seed: int = 0
     max_steps: int = 1000
-    batch_size: int = 64
+    batch_size: int = 64  # per process: the effective batch is this x processes x gradient_accumulation_steps
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
@@ -253,6 +259,7 @@ class TrainingConfig:
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile (inductor) the training model: ~30% faster prior steps on CPU, ~45 s to compile
+    gradient_checkpointing: bool = False  # the prior: recompute layer activations in backward (less memory, slower)
     deterministic: bool = False  # deterministic kernels (cuDNN, cuBLAS): bitwise-repeatable GPU runs and resumes, slower
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2

@@ -4,6 +4,12 @@ Each of the d = len(levels) latent channels is bounded with tanh to (-(L_i - 1)/
 and rounded to one of L_i integer levels with a straight-through gradient. The code of a position
 is the mixed-radix number of its d digits, so there are prod(levels) codes, all reachable by
 construction: no codebook to collapse, no commitment loss, no EMA or restarts.
+
+Reachable is not used: an encoder can still crowd a few grid points. For training, each bounded
+value also gets a soft posterior over its channel's levels (softmax of minus the squared distance,
+in grid steps), their product is a posterior over all codes, and `marginal_kl` is the KL of its
+batch average to uniform, the same codebook-usage term as the Gumbel dVAE's (`marginal_kl_weight`;
+MAGVIT-v2's entropy penalty on lookup-free quantization is the same idea).
 """
 
 from __future__ import annotations
@@ -11,10 +17,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from stage1_dvae.quantizers.base import QuantizerOutput, code_perplexity
+from stage1_dvae.quantizers.base import QuantizerOutput, code_perplexity, kl_to_uniform_of
 
 
 class FiniteScalarQuantizer(nn.Module):
@@ -48,6 +55,31 @@ class FiniteScalarQuantizer(nn.Module):
         shift = torch.atanh(offset / half_range)
         return torch.tanh(z + shift) * half_range - offset
 
+    def mean_code_posterior(self, bounded: torch.Tensor) -> torch.Tensor:
+        """Soft posterior over all codes averaged over positions: bounded values [..., d] -> q̄ [prod(levels)].
+
+        Channel i puts probability softmax(-(value - level)^2) on each of its levels; a position's
+        posterior over codes is the product over channels. Split into the low-digit channels (first
+        half) and the high-digit ones, the average is q̄[high, low] = mean_n P_high[n, high] · P_low[n, low]:
+        one [K_high, N] @ [N, K_low] matmul, never an [N, K] tensor.
+        """
+        values = bounded.reshape(-1, bounded.shape[-1])
+        split = len(self.level_counts) // 2
+        low = self._joint_level_probs(values, range(split))
+        high = self._joint_level_probs(values, range(split, len(self.level_counts)))
+        # [K_high, K_low] flattened row-major: code = high_digits * K_low + low_digits, as in grid_to_codes
+        return (high.transpose(0, 1) @ low).flatten() / values.shape[0]
+
+    def _joint_level_probs(self, values: torch.Tensor, channels: range) -> torch.Tensor:
+        """Product of the channels' level probabilities, [N, d] -> [N, prod(levels[channels])] (1 column if none)."""
+        joint = values.new_ones(values.shape[0], 1)
+        for channel in channels:
+            count = self.level_counts[channel]
+            levels = torch.arange(count, device=values.device, dtype=values.dtype) - count // 2
+            probs = F.softmax(-(values[:, channel, None] - levels).square(), dim=-1)
+            joint = (probs[:, :, None] * joint[:, None, :]).flatten(1)  # a later channel: a more significant digit
+        return joint
+
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
         """Rounded, bounded z [..., d] scaled to [-1, 1], with a straight-through gradient."""
         bounded = self.bound(z)
@@ -67,8 +99,8 @@ class FiniteScalarQuantizer(nn.Module):
         return (digits - half_width).float() / half_width
 
     def forward(self, latents: torch.Tensor, temperature: float | None = None) -> QuantizerOutput:
-        """Quantize; `temperature` is ignored. The loss is zero: FSQ needs no auxiliary term."""
-        height, width = latents.shape[2:]
+        """Quantize; `temperature` is ignored. The loss is zero (FSQ needs no commitment term); in
+        training, `marginal_kl` is the codebook-usage term the model weights by `marginal_kl_weight`."""
         vectors = self.project_in(rearrange(latents.float(), "b d h w -> b h w d")).float()  # round in fp32
         grid = self.quantize(vectors)
         codes = self.grid_to_codes(grid.detach())
@@ -78,6 +110,7 @@ class FiniteScalarQuantizer(nn.Module):
             codes=codes,
             loss=latents.new_zeros((), dtype=torch.float32),
             perplexity=code_perplexity(codes, self.codebook_size),
+            marginal_kl=kl_to_uniform_of(self.mean_code_posterior(self.bound(vectors))) if self.training else None,
         )
 
     def codes(self, latents: torch.Tensor) -> torch.Tensor:

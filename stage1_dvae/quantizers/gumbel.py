@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stage1_dvae.quantizers.base import QuantizerOutput, code_perplexity
+from stage1_dvae.quantizers.base import QuantizerOutput, code_perplexity, marginal_kl_to_uniform
 
 
 class GumbelQuantizer(nn.Module):
@@ -55,14 +55,3 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     log_q = F.log_softmax(logits, dim=1)
     negative_entropy = (log_q.exp() * log_q).sum(dim=1)
     return negative_entropy.mean() + math.log(logits.shape[1])
-
-
-def marginal_kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
-    """KL(q̄ || Uniform(K)) of the posterior averaged over the batch and positions: low when all codes are used.
-
-    The per-position KL above decomposes (Hoffman & Johnson 2016) into this term plus the mutual
-    information between images and codes; penalising only this part spreads the codes without
-    pushing each position's posterior towards uniform.
-    """
-    mean_q = F.softmax(logits, dim=1).transpose(0, 1).flatten(1).mean(dim=1)
-    return (mean_q * mean_q.clamp_min(1e-12).log()).sum() + math.log(logits.shape[1])
