@@ -82,7 +82,9 @@ def prior_sizes(path: str) -> dict:
     model = PriorModel(config).train()
     input_ids = torch.zeros(1, config.max_seq_len, dtype=torch.long)
     counts = leaf_output_elements(model, lambda: model(input_ids, compute_loss=False))
-    logits = 2 * 4 * counts.pop("lm_head")  # fp32 logits and their gradient
+    counts.pop("lm_head")
+    # training's fp32 logits and their gradient: each position over its own vocabulary (text or image codes)
+    logits = 2 * 4 * (config.text_len * config.text_vocab_size + config.image_seq_len * config.image_vocab_size)
     per_layer = {index: sum(n for name, n in counts.items() if name.startswith(f"decoder.layers.{index}."))
                  for index in range(config.num_hidden_layers)}
     activations = sum(counts.values()) * 2 + logits

@@ -1,7 +1,7 @@
 """Benchmark the stage-1 tokenizers: reconstruction quality against training time, from the shipped configs.
 
     python bench/stage1.py                                  # digits: gumbel, vq and fsq (8x8 codes)
-    python bench/stage1.py --suite emoji                    # emoji at 64x64: the 16x16 and 8x8 code grids
+    python bench/stage1.py --suite emoji --keep runs/       # emoji at 64x64: the 16x16 and 8x8 code grids, runs kept
     python bench/stage1.py --quantizer fsq --max_steps 200  # one config; any config override after the flags
 
 Each config runs as its users run it, `python -m stage1_dvae.train --config ...`, in a child process
@@ -15,6 +15,7 @@ whether the suite's targets are met.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import resource
@@ -36,7 +37,7 @@ SUITES = {
     # the emoji at 64x64 (>= 26 dB at 16x16 codes with >= 90% of the codebook used, <= 10 min of training)
     "emoji": {
         "configs": {"vq": "emoji_vq.yaml", "gumbel": "emoji.yaml", "fsq": "emoji_fsq.yaml",
-                    "vq-8x8": "emoji_vq_8x8.yaml"},
+                    "vq-8x8": "emoji_vq_8x8.yaml", "gumbel-8x8": "emoji_8x8.yaml"},
         "targets": {"psnr": 26.0, "codebook_usage": 0.90, "train_seconds": 600.0},
         "eval_every": 100,
     },
@@ -70,11 +71,12 @@ def curve(history: list[dict], every: float) -> list[dict]:
     return points + [point(history[-1]["train_seconds"], history[-1])] if history else points
 
 
-def run_one(suite: str, name: str, overrides: list[str], curve_every: float) -> dict:
-    """Train one config in a child process, as `python -m stage1_dvae.train`, and measure it."""
+def run_one(suite: str, name: str, overrides: list[str], curve_every: float, keep: Path | None = None) -> dict:
+    """Train one config in a child process, as `python -m stage1_dvae.train`, and measure it; with `keep`,
+    the run (reconstruction grids, logs, the tokenizer) stays in `keep/name`."""
     settings = SUITES[suite]
     config = CONFIGS / settings["configs"][name]
-    with tempfile.TemporaryDirectory() as output_dir:
+    with tempfile.TemporaryDirectory() if keep is None else contextlib.nullcontext(str(keep / name)) as output_dir:
         command = [sys.executable, "-m", "stage1_dvae.train", "--config", str(config), "--output_dir", output_dir,
                    "--report_to", "none", "--progress", "false", "--eval_every", str(settings["eval_every"]),
                    *overrides]
@@ -130,18 +132,20 @@ def main() -> None:
     parser.add_argument("--suite", choices=sorted(SUITES), default="digits")
     parser.add_argument("--quantizer", action="append", help="config name(s) of the suite (default: all)")
     parser.add_argument("--curve-every", type=float, default=30.0, help="seconds of training between curve points")
+    parser.add_argument("--keep", type=Path, help="keep each run in KEEP/<config name> (grids to look at)")
     args, overrides = parser.parse_known_args()
     names = args.quantizer or list(SUITES[args.suite]["configs"])
     unknown = sorted(set(names) - set(SUITES[args.suite]["configs"]))
     if unknown:
         parser.error(f"unknown config(s) {unknown} for suite {args.suite}: {sorted(SUITES[args.suite]['configs'])}")
     if len(names) == 1:
-        print(json.dumps(run_one(args.suite, names[0], overrides, args.curve_every)), flush=True)
+        print(json.dumps(run_one(args.suite, names[0], overrides, args.curve_every, args.keep)), flush=True)
         return
     # One child process per config, so each peak-memory figure is its own.
     for name in names:
         child = subprocess.run([sys.executable, __file__, "--suite", args.suite, "--quantizer", name,
-                                "--curve-every", str(args.curve_every), *overrides],
+                                "--curve-every", str(args.curve_every),
+                                *(["--keep", str(args.keep)] if args.keep else []), *overrides],
                                capture_output=True, text=True, cwd=ROOT)
         if child.returncode != 0:
             sys.exit(child.stderr[-3000:])

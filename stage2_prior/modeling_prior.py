@@ -207,8 +207,14 @@ class PriorModel(PriorPreTrainedModel):
         cache: DynamicCache | None = None,
         use_cache: bool = False,
         compute_loss: bool = True,
+        return_logits: bool = True,
     ) -> PriorOutput:
-        """Logits for every position; with `compute_loss`, the text/image-weighted next-token loss."""
+        """Logits for every position (`return_logits`); with `compute_loss`, the text/image-weighted next-token loss.
+
+        Training passes `return_logits=False`: the loss then takes each position's logits over its own
+        vocabulary only (text before the image, image codes after), not the masked joint vocabulary,
+        which saves most of the output layer's and the loss's time when the two vocabularies are large.
+        """
         past = cache.get_seq_length() if cache is not None else 0
         positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
         if positions[-1] >= self.config.max_seq_len:
@@ -219,22 +225,28 @@ class PriorModel(PriorPreTrainedModel):
             cache=cache,
             use_cache=use_cache,
         )
-        logits = self._restrict_logits(self.lm_head(hidden.last_hidden_state).float(), positions)
-        output = PriorOutput(logits=logits, cache=hidden.cache if use_cache else None)
+        output = PriorOutput(cache=hidden.cache if use_cache else None)
+        if return_logits:
+            output.logits = self._restrict_logits(self.lm_head(hidden.last_hidden_state).float(), positions)
         if compute_loss and past == 0 and input_ids.shape[1] > 1:
-            output.text_loss, output.image_loss = self._losses(logits, input_ids)
+            output.text_loss, output.image_loss = self._losses(hidden.last_hidden_state, input_ids)
             config = self.config
             output.loss = config.text_loss_weight * output.text_loss + config.image_loss_weight * output.image_loss
         return output
 
-    def _losses(self, logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean cross-entropy of the next text token (padding ignored) and of the next image token."""
+    def _losses(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy of the next text token (padding ignored) and of the next image token.
+
+        Positions [0, text_len) predict text, the rest image codes: each against its own vocabulary,
+        which equals the cross-entropy of the restricted joint logits.
+        """
+        split, text_vocab = self.config.text_len, self.config.text_vocab_size
         targets = input_ids[:, 1:]
-        predictions = logits[:, :-1]
-        split = self.config.text_len  # predictions [0, text_len) are text, the rest image codes
+        text_logits = F.linear(hidden[:, :split], self.lm_head.weight[:text_vocab]).float()
+        image_logits = F.linear(hidden[:, split:-1], self.lm_head.weight[text_vocab:]).float()
         text_targets = targets[:, :split].masked_fill(targets[:, :split] == self.config.pad_token_id, -100)
-        text_loss = F.cross_entropy(predictions[:, :split].flatten(0, 1), text_targets.flatten(), ignore_index=-100)
-        image_loss = F.cross_entropy(predictions[:, split:].flatten(0, 1), targets[:, split:].flatten())
+        text_loss = F.cross_entropy(text_logits.flatten(0, 1), text_targets.flatten(), ignore_index=-100)
+        image_loss = F.cross_entropy(image_logits.flatten(0, 1), (targets[:, split:] - text_vocab).flatten())
         if not torch.isfinite(text_loss):  # a batch of empty captions has no text target
             text_loss = torch.zeros_like(image_loss)
         return text_loss, image_loss

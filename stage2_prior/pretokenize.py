@@ -1,10 +1,10 @@
 """Encode a captioned-image dataset once with the frozen stage-1 tokenizer into a column of codes.
 
 The prior trains on integers only. Each split is mapped in batches through `DVAEModel.encode`
-and written to an Arrow cache file named by a fingerprint of the stage-1 weights, its config,
-the image size and the source split: the next run with the same inputs loads the file instead of
-encoding again, and a new stage-1 checkpoint or image size gives a new file. Unreadable images are
-dropped (and counted in the log) like in stage 1.
+and written to an Arrow cache file named by a fingerprint of the stage-1 weights, its config, the
+image size, the precision it runs in (the caller's autocast, if any) and the source split: the next
+run with the same inputs loads the file instead of encoding again, and a new stage-1 checkpoint or
+image size gives a new file. Unreadable images are dropped (and counted in the log) like in stage 1.
 
 With augmentation, the `train` split holds each original followed by `copies` randomly shifted and
 scaled variants (same caption and other columns); the settings are part of its fingerprint.
@@ -59,6 +59,7 @@ def pretokenize(
     transform = ImageTransform(image_size)
     model_digest = tokenizer_fingerprint(model)
     device = next(model.parameters()).device
+    precision = str(torch.get_autocast_dtype(device.type)) if torch.is_autocast_enabled(device.type) else "fp32"
     model.eval()
     augmentation = augmentation or AugmentationConfig()
 
@@ -102,7 +103,7 @@ def pretokenize(
     for name, split in splits.items():
         augment = name == "train" and augmentation.copies > 0
         draw = name == "train" and "captions" in split.column_names
-        inputs = [split._fingerprint, model_digest, image_size]
+        inputs = [split._fingerprint, model_digest, image_size, precision]
         if augment:
             inputs.append(dataclasses.asdict(augmentation))
         if draw:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -153,6 +154,32 @@ def test_loss_weights_text_and_image_and_ignores_padding() -> None:
     # the text loss covers the three real targets ("x", "y", <eos>) and no padding
     manual = torch.nn.functional.cross_entropy(output.logits[0, :3], text[0, :3])
     assert output.text_loss.item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_training_losses_without_logits_match_the_joint_vocabulary_losses() -> None:
+    """`return_logits=False` (training) scores each position against its own vocabulary only: same losses
+    and same gradients as the cross-entropy of the restricted joint-vocabulary logits."""
+    torch.manual_seed(0)
+    model = PriorModel(tiny_prior_config())
+    input_ids = model.build_input_ids(captions(3), torch.randint(0, 16, (3, 4, 4)))
+    full = model(input_ids)
+    targets, predictions = input_ids[:, 1:], full.logits[:, :-1]
+    split = model.config.text_len
+    text_targets = targets[:, :split].masked_fill(targets[:, :split] == model.config.pad_token_id, -100)
+    expected_text = F.cross_entropy(predictions[:, :split].flatten(0, 1), text_targets.flatten(), ignore_index=-100)
+    expected_image = F.cross_entropy(predictions[:, split:].flatten(0, 1), targets[:, split:].flatten())
+    (expected_text + expected_image).backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    lean = model(input_ids, return_logits=False)
+    assert lean.logits is None
+    torch.testing.assert_close(lean.text_loss, expected_text)
+    torch.testing.assert_close(lean.image_loss, expected_image)
+    torch.testing.assert_close(lean.loss, full.loss)
+    (lean.text_loss + lean.image_loss).backward()
+    for expected, parameter in zip(expected_grads, model.parameters()):
+        torch.testing.assert_close(parameter.grad, expected)
 
 
 def test_tiny_prior_memorises_caption_to_codes() -> None:

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, DistributedType
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from stage1_dvae import DVAEModel
 from stage1_dvae.train import Stage1Config, train
 from tests.conftest import cpu_processes_env, tiny_dvae_config
+from training.accelerator import refuse_unsupported_strategy
 from training.checkpointing import TrainState, list_checkpoints, resolve_checkpoint
 from training.config import ConfigError, TrainingConfig, load_config
 from training.data import iterate_batches
@@ -287,6 +288,30 @@ def test_two_process_cpu_run_writes_once(tmp_path: Path) -> None:
         "checkpoints/step_4/model.safetensors", "model/model.safetensors",
     ]
     assert result.stderr.count("final validation") == 1
+
+
+def test_fsdp_launch_on_cpu_processes_says_it_runs_ddp(tmp_path: Path) -> None:
+    """`configs/accelerate/fsdp.yaml` on two CPU processes (GPUs hidden): accelerate runs DDP there, and the log
+    says so."""
+    result = subprocess.run(
+        ["accelerate", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml"),
+         "--num_processes", "2", "-m", "stage1_dvae.train", "--config", TINY,
+         "--output_dir", str(tmp_path), "--max_steps", "2", "--quantizer", "vq", "--progress", "false"],
+        capture_output=True, text=True, cwd=ROOT, env=cpu_processes_env(), timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "accelerator: 2 process(es), strategy DDP" in result.stderr
+    assert "the launch config asks for FSDP, but accelerate" in result.stderr
+    assert "this run is DDP, every process holds the whole model" in result.stderr
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_fsdp_is_refused_before_training() -> None:
+    """Where accelerate does set FSDP up (GPUs), training refuses it with the reason and what to use instead."""
+    with pytest.raises(ConfigError, match="FSDP is not supported yet.*multi_gpu.yaml"):
+        refuse_unsupported_strategy(DistributedType.FSDP)
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        refuse_unsupported_strategy(kind)
 
 
 # ---- robustness and the adversarial loss ----------------------------------------------------------

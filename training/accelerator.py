@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+import accelerate
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState, PartialState
@@ -18,7 +19,7 @@ from accelerate.utils import (
     set_seed,
 )
 
-from training.config import TrainingConfig
+from training.config import ConfigError, TrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,25 @@ def create_accelerator(config: TrainingConfig, project_name: str) -> Accelerator
         config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
         config.batch_size, accelerator.num_processes, config.gradient_accumulation_steps,
     )
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
+        logger.warning(
+            "the launch config asks for FSDP, but accelerate %s sets FSDP up on GPUs and other accelerators only, "
+            "not on CPU processes: this run is %s, every process holds the whole model",
+            accelerate.__version__, distributed_strategy(accelerator),
+        )
+    refuse_unsupported_strategy(accelerator.distributed_type)
     return accelerator
+
+
+def refuse_unsupported_strategy(kind: DistributedType) -> None:
+    """Fail before training under FSDP, which dallekit's training loops do not support yet."""
+    if kind == DistributedType.FSDP:
+        raise ConfigError(
+            "FSDP is not supported yet: dallekit's training loops evaluate, draw samples and export on the main "
+            "process alone, which under FSDP holds a shard of the weights only (the run would hang at its first "
+            "evaluation). Launch with DDP (configs/accelerate/multi_gpu.yaml) and set "
+            "training.gradient_checkpointing: true for the large priors (README: Sizes for real data)"
+        )
 
 
 def distributed_strategy(accelerator: Accelerator) -> str:
