@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -28,21 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation import evaluate_pipeline  # noqa: E402
 from pipelines import TextToImagePipeline  # noqa: E402
+from timing import cpu_name  # noqa: E402
 
 TARGET_ADHERENCE = 0.97
 JUDGED = ("adherence", "frechet_distance", "r_precision", "clip_score", "scorer_frechet_distance", "exact_copy_rate")
 REAL = ("classifier_validation_accuracy", "real_frechet_distance", "real_r_precision", "real_clip_score",
         "real_scorer_frechet_distance")
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def target_check(rows: list[dict]) -> dict:

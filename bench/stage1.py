@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -26,6 +25,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from timing import cpu_name  # noqa: E402
+
 CONFIGS = ROOT / "configs" / "dvae"
 SUITES = {
     # 8x8 codes on the built-in digits at 32x32 (issue: >= 36 dB, >= 95% of the codebook, <= 3 min of training)
@@ -42,17 +45,6 @@ SUITES = {
         "eval_every": 100,
     },
 }
-
-
-def cpu_name() -> str:
-    """The CPU model as `lscpu` names it (platform.processor() is empty on Linux)."""
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def curve(history: list[dict], every: float) -> list[dict]:
@@ -89,7 +81,6 @@ def run_one(suite: str, name: str, overrides: list[str], curve_every: float, kee
         model_config = json.loads((Path(output_dir) / "model" / "config.json").read_text())
         judged = {}
         if suite == "digits":
-            sys.path.insert(0, str(ROOT))
             from evaluation.reconstruction import judge_reconstructions
             from stage1_dvae import DVAEModel
 

@@ -2,14 +2,18 @@
 
     python bench/stage2.py [--config configs/prior/digits.yaml] [--train_steps 30] [--device cuda]
                            [--measurements pipeline sampling train] [--pipeline_batches 8 100] [--compile]
+                           [--reference]
 
 Prints one JSON object per measurement, each naming the CPU (`lscpu`) and the machine's load:
 - `pipeline`: `TextToImagePipeline` calls from prompts to decoded PIL images on the demo's shapes
   (`configs/dvae/demo.yaml`, `configs/prior/demo.yaml`, random weights: the same cost as trained
   ones), one prior call of `batch_size` sequences, unguided and at guidance 3: images/s (median of
   `--repeats`), the share of the call spent in `vqvae.decode`, and the prior's `generate` alone in
-  its default precision and in fp32. With `--compile`, also after `prior.decoder.compile()`, and the
-  compile time. Target (issue 12): >= 100 images/s at batch 8 and >= 300 at batch 100, unguided.
+  its default precision and in fp32. With `--compile`, also the pipeline with `compile=True` (the
+  prior's compiled one-token step), and the compile time. With `--reference`, also dalle-pytorch
+  1.6.6's sampling with its KV cache at the same size, decoding included (`bench/reference.py`,
+  which says how to install it), timed interleaved with the rest, and each pipeline figure's
+  speedup over it. Target (issue 12): >= 3x the reference at batch 8 and 100.
 - `sampling`: images/s with and without the KV cache and with guidance, for the config's grid
   (digits: 64 image tokens) and for a 16x16 grid (256 image tokens); targets: cache >= 5x faster
   than no cache at 256 tokens, guidance <= 2.2x the unguided time.
@@ -24,17 +28,11 @@ Sampling runs in `generate`'s default precision: bf16 autocast on CPUs with nati
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
-import os
-import platform
 import resource
-import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,20 +47,11 @@ from stage2_prior import PriorConfig, PriorModel  # noqa: E402
 from stage2_prior.text_tokenizer import encode_captions, train_text_tokenizer  # noqa: E402
 from stage2_prior.train import Stage2Config  # noqa: E402
 from textimage_data import DataConfig, load_text_image_dataset  # noqa: E402
-from training.accelerator import cpu_supports_fast_bf16, resolve_mixed_precision  # noqa: E402
+from training.accelerator import resolve_mixed_precision  # noqa: E402
 from training.config import TrainingConfig, load_config  # noqa: E402
 from training.optim import create_optimizer  # noqa: E402
-
-
-def machine() -> dict:
-    """The CPU's name (`lscpu`), its threads in use, whether it has native bf16, and the 1-minute load average."""
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name:"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        name = platform.processor() or "unknown"
-    return {"cpu": name, "threads": torch.get_num_threads(), "cpu_bf16": cpu_supports_fast_bf16(),
-            "load_average": round(os.getloadavg()[0], 2)}
+from reference import reference_available, reference_sampler  # noqa: E402
+from timing import machine, median_seconds, synchronize  # noqa: E402
 
 
 def memory_figures(device: torch.device) -> dict:
@@ -70,11 +59,6 @@ def memory_figures(device: torch.device) -> dict:
     if device.type == "cuda":
         figures["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return figures
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type != "cpu":
-        torch.accelerator.synchronize(device)
 
 
 def matmul_flops(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
@@ -175,28 +159,21 @@ def demo_pipeline(device: torch.device) -> TextToImagePipeline:
     return TextToImagePipeline(vqvae=vqvae, prior=PriorModel(config), tokenizer=tokenizer).to(device)
 
 
-def median_seconds(calls: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median wall time of each call, the calls interleaved `repeats` times after one warm-up round."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_index in range(repeats + 1):
-        for name, call in calls.items():
-            synchronize(device)
-            start = time.perf_counter()
-            call()
-            synchronize(device)
-            if round_index:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(seconds) for name, seconds in times.items()}
+def reference_sizes(pipe: TextToImagePipeline) -> dict:
+    """The demo pipeline's shapes, as `bench/reference.py`'s sampler takes them."""
+    config = pipe.prior.config
+    return dict(text_vocab_size=config.text_vocab_size, text_len=config.text_len,
+                image_vocab_size=config.image_vocab_size, grid=config.image_grid_size,
+                image_size=pipe.vqvae.config.image_size, depth=config.num_hidden_layers, dim=config.hidden_size,
+                heads=config.num_attention_heads, dim_head=config.hidden_size // config.num_attention_heads)
 
 
-def bench_pipeline(batch_sizes: list[int], repeats: int, compile: bool, device: torch.device) -> list[dict]:
-    """Prompt-to-image throughput of the demo-shaped pipeline, its decoder's share, and the prior alone."""
+def bench_pipeline(
+    batch_sizes: list[int], repeats: int, compile: bool, reference: bool, device: torch.device
+) -> list[dict]:
+    """Prompt-to-image throughput of the demo-shaped pipeline, its decoder's share, the prior alone, and (with
+    `reference`) dalle-pytorch's cached sampling of the same size, timed interleaved with them."""
     pipe = demo_pipeline(device)
-    compiled = None
-    if compile:
-        compiled = copy.copy(pipe)
-        compiled.prior = copy.deepcopy(pipe.prior)
-        compiled.prior.decoder.compile()
     captions = load_text_image_dataset(DataConfig(source="digits", image_size=32))["validation"]["text"]
     results = []
     for batch_size, guidance_scale in itertools.product(batch_sizes, (1.0, 3.0)):
@@ -204,26 +181,33 @@ def bench_pipeline(batch_sizes: list[int], repeats: int, compile: bool, device: 
         text_ids = encode_captions(pipe.tokenizer, prompts, pipe.prior.config.text_len).to(device)
         codes = pipe.prior.generate(text_ids)
 
-        def draw(pipeline: TextToImagePipeline) -> object:
-            return pipeline(prompts, guidance_scale=guidance_scale, batch_size=batch_size, progress=False,
-                            generator=torch.Generator().manual_seed(0))
+        def draw(compiled: bool = False) -> object:
+            return pipe(prompts, guidance_scale=guidance_scale, batch_size=batch_size, progress=False,
+                        generator=torch.Generator().manual_seed(0), compile=compiled)
 
         calls = {
-            "pipeline": lambda: draw(pipe),
+            "pipeline": draw,
             "decode": lambda: pipe.vqvae.decode(codes),
             "generate": lambda: pipe.prior.generate(text_ids, guidance_scale=guidance_scale),
             "generate_fp32": lambda: pipe.prior.generate(text_ids, guidance_scale=guidance_scale, mixed_precision="no"),
         }
         result = {"benchmark": "stage2", "measurement": "pipeline", "device": str(device), **machine(),
                   "batch_size": batch_size, "guidance_scale": guidance_scale}
-        if compiled is not None:
+        if compile:
             start = time.perf_counter()
-            draw(compiled)  # compiles for this number of sequences (the prompt, then the one-token step)
+            draw(compiled=True)  # compiles the one-token step for this number of sequences
             result["compile_seconds"] = round(time.perf_counter() - start, 1)
-            calls["pipeline_compiled"] = lambda: draw(compiled)
+            calls["pipeline_compiled"] = lambda: draw(compiled=True)
+        if reference:
+            calls["reference"] = reference_sampler(batch_size, guidance_scale, **reference_sizes(pipe), device=device)
         seconds = median_seconds(calls, repeats, device)
         result |= {f"images_per_second_{name}": round(batch_size / value, 1) for name, value in seconds.items()}
         result["decode_share"] = round(seconds["decode"] / seconds["pipeline"], 3)
+        if reference:
+            result["speedup_over_reference"] = {
+                name: round(seconds["reference"] / seconds[name], 2) for name in ("pipeline", "pipeline_compiled")
+                if name in seconds
+            }
         results.append(result | memory_figures(device))
     return results
 
@@ -238,7 +222,9 @@ def main() -> None:
                         default=["pipeline", "sampling", "train"])
     parser.add_argument("--pipeline_batches", type=int, nargs="+", default=[8, 100])
     parser.add_argument("--repeats", type=int, default=5, help="timed pipeline calls per figure (median)")
-    parser.add_argument("--compile", action="store_true", help="also time the pipeline after prior.decoder.compile()")
+    parser.add_argument("--compile", action="store_true", help="also time the pipeline with compile=True")
+    parser.add_argument("--reference", action="store_true",
+                        help="also time dalle-pytorch 1.6.6's cached sampling of the same size (bench/reference.py)")
     args = parser.parse_args()
     accelerator = torch.accelerator.current_accelerator()
     device = torch.device(args.device or (accelerator.type if accelerator is not None else "cpu"))
@@ -248,7 +234,9 @@ def main() -> None:
     config.image_vocab_size, config.image_grid_size = 128, 8
     precision = resolve_mixed_precision(run.training.mixed_precision, use_cpu=device.type == "cpu")
     if "pipeline" in args.measurements:
-        for result in bench_pipeline(args.pipeline_batches, args.repeats, args.compile, device):
+        if args.reference and (reason := reference_available()) is not None:
+            sys.exit(f"--reference: {reason}")
+        for result in bench_pipeline(args.pipeline_batches, args.repeats, args.compile, args.reference, device):
             print(json.dumps(result), flush=True)
     if "sampling" in args.measurements:
         for grid in (8, 16):

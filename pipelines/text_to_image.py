@@ -301,6 +301,7 @@ class TextToImagePipeline:
         output_type: Literal["pil", "np", "pt"] = "pil",
         return_dict: bool = True,
         progress: bool = True,
+        compile: bool = False,
     ) -> TextToImageOutput | tuple:
         """Images for `prompt` (one or a list), `num_images_per_prompt` each.
 
@@ -309,6 +310,9 @@ class TextToImagePipeline:
         against its prompt and the best `num_images_per_prompt` are kept, highest score first. With
         as many candidates as images nothing is dropped or reordered, and the scores come along when
         there is a scorer. `return_dict=False` gives `(images, codes)`, plus `scores` when scored.
+        `compile=True` samples with the prior's compiled one-token step (`PriorModel.generate`): it
+        pays in a process that draws many images (a server, a large batch of candidates), not in one
+        short call, since the first call at a batch size spends tens of seconds compiling on a CPU.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or num_images_per_prompt < 1:
@@ -347,7 +351,7 @@ class TextToImagePipeline:
             batch_codes = self.prior.generate(
                 text_ids[batch], guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                 generator=generator, init_codes=None if init_codes is None else init_codes[batch],
-                init_rows=init_rows, progress=progress,
+                init_rows=init_rows, progress=progress, compile=compile,
             )
             codes.append(batch_codes)
             pixels.append(self.vqvae.decode(batch_codes.to(next(self.vqvae.parameters()).device)).float().cpu())

@@ -86,11 +86,12 @@ def _describe(pipe: TextToImagePipeline) -> str:
     )
 
 
-def build_app(pipe: TextToImagePipeline) -> gr.Blocks:
+def build_app(pipe: TextToImagePipeline, compile: bool = False) -> gr.Blocks:
     """The page over `pipe`, queued (one request samples at a time); call `.launch()` to serve it.
 
     A "candidates to rerank" control appears when the pipeline has a scorer (`pipe.scorer`), and is
-    passed to it as `num_candidates`.
+    passed to it as `num_candidates`. `compile=True` samples with the prior's compiled step: the
+    first requests at new sizes and settings wait for compilation, later ones are faster.
     """
     grid = pipe.prior.config.image_grid_size
     has_scorer = pipe.scorer is not None
@@ -117,6 +118,7 @@ def build_app(pipe: TextToImagePipeline) -> gr.Blocks:
                 prompt, num_images_per_prompt=int(num_images), guidance_scale=float(guidance_scale),
                 temperature=float(temperature), top_k=int(top_k) or None,
                 generator=torch.Generator(device=pipe.device).manual_seed(int(seed)), **completion, **reranking,
+                compile=compile,
             )
         except ValueError as error:  # the pipeline's own check of a value
             raise gr.Error(str(error)) from error

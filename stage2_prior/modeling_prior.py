@@ -13,16 +13,21 @@ so checkpoints keep their names).
 logits warpers), a seeded `torch.Generator`, and classifier-free guidance with the conditional
 and unconditional branches in one batch sharing one cache. transformers' own `generate()` runs
 guidance for decoder-only models as a second, unbatched forward per step and samples from the
-global RNG, so the loop here is written out over the same decoder. Its cache is static
+global RNG, so the loop here is written out over the same decoder layers. Its cache is static
 (transformers' `StaticLayer`s, preallocated once per call), and what does not change from step to
-step is made once per call: the row/column embeddings, position ids, the causal mask over the
-cache, and the image-code rows of `lm_head` (the only logits a step needs). On CPUs with native
-bf16 it samples under bf16 autocast. Every step has the same shapes, so `prior.decoder.compile()`
-traces the decoder twice per batch size (the prompt, then one token), not once per position.
+step is made once per call: the row/column embeddings, the rotary cos/sin of every position, the
+causal mask over the cache, and the image-code rows of `lm_head` (the only logits a step needs).
+A step takes its positions as a tensor and draws its code from noise made outside it
+(`torch.multinomial`'s own exponential race, so the same seed gives the same codes), so every
+one-token step has the same shapes and no Python-level state: `generate(compile=True)` runs it
+through `torch.compile` (inductor; C++ wrapper on CPU), traced once per batch shape. On CPUs with
+native bf16 it samples under bf16 autocast.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -52,15 +57,18 @@ def classifier_free_guidance(conditional: torch.Tensor, unconditional: torch.Ten
     return unconditional + scale * (conditional - unconditional)
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One index per row of `probs` [B, V], drawn on `generator`'s device.
+def exponential_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Exp(1) noise [B, V] for `sample_with_noise`, drawn on `generator`'s device (a seeded CPU generator
+    so works whatever device the model is on, as in diffusers) and moved to `device`."""
+    noise_device = generator.device if generator is not None else device
+    return torch.empty(shape, device=noise_device).exponential_(generator=generator).to(device)
 
-    A seeded CPU generator so works whatever device the model is on, as in diffusers;
-    `torch.multinomial` alone refuses a generator on another device than `probs`.
-    """
-    if generator is None or generator.device == probs.device:
-        return torch.multinomial(probs, 1, generator=generator)
-    return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
+
+def sample_with_noise(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """One index [B, 1] per row of `probs` [B, V]: `argmax(probs / noise)` with `noise` ~ Exp(1) draws index i with
+    probability probs[i] (the exponential race). It is how `torch.multinomial` draws one sample, so with the noise
+    from the same generator state it returns the same index; drawn outside, the noise keeps the step traceable."""
+    return (probs / noise).argmax(dim=-1, keepdim=True)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -88,14 +96,17 @@ class _AutocastStaticLayer(StaticLayer):
         return super().update(key_states.to(self.keys.dtype), value_states.to(self.values.dtype), *args, **kwargs)
 
 
+_COMPILED_SAMPLING_STEPS: dict[str, Callable[..., torch.Tensor]] = {}  # `PriorModel._compiled_sampling_step`
+
+
 @dataclass
 class _Decoding:
     """What `generate` makes once per call and reuses at every step."""
 
     spatial: torch.Tensor  # [max_seq_len, hidden] row + column embeddings (zero before the image)
-    positions: torch.Tensor  # [1, max_seq_len] position ids
+    rotary: tuple[torch.Tensor, torch.Tensor]  # cos, sin [1, max_seq_len, head_dim] of every position
     cache: Cache | None  # static, one `_AutocastStaticLayer` per decoder layer; None: every step recomputes all
-    causal_mask: torch.Tensor | None  # [1, 1, L, L] over the cache's L positions; None without a cache
+    causal_mask: torch.Tensor  # [1, 1, L, L] over the L = max_seq_len - 1 positions a step can attend to
     image_head: torch.Tensor  # [image_vocab_size, hidden] the lm_head rows of image codes, in the autocast dtype
 
 
@@ -183,14 +194,15 @@ class PriorModel(PriorPreTrainedModel):
         spatial = self.row_embedding(index // grid) + self.column_embedding(index % grid)
         return F.pad(spatial, (0, 0, self.image_start, 0))
 
-    def _embed(self, input_ids: torch.Tensor, start: int, spatial: torch.Tensor | None = None) -> torch.Tensor:
-        """Token plus spatial embeddings (then dropout) of `input_ids` [B, T] at positions [start, start + T).
+    def _embed(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, spatial: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token plus spatial embeddings (then dropout) of `input_ids` [B, T] at sequence `positions` [T].
 
         `spatial` is `_spatial_embeddings()`, passed in by callers that embed many times with the same weights.
         """
         spatial = self._spatial_embeddings() if spatial is None else spatial
-        embeddings = self.decoder.embed_tokens(input_ids) + spatial[start : start + input_ids.shape[1]]
-        return self.embedding_dropout(embeddings)
+        return self.embedding_dropout(self.decoder.embed_tokens(input_ids) + spatial[positions])
 
     def _restrict_logits(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Mask the vocabulary a position cannot predict: text before the image, image codes after."""
@@ -220,7 +232,7 @@ class PriorModel(PriorPreTrainedModel):
         if positions[-1] >= self.config.max_seq_len:
             raise ValueError(f"sequence of {positions[-1] + 1} tokens exceeds max_seq_len {self.config.max_seq_len}")
         hidden = self.decoder(
-            inputs_embeds=self._embed(input_ids, past),
+            inputs_embeds=self._embed(input_ids, positions),
             position_ids=positions.unsqueeze(0),
             cache=cache,
             use_cache=use_cache,
@@ -286,30 +298,62 @@ class PriorModel(PriorPreTrainedModel):
         length, device = self.config.max_seq_len, self.device
         spatial = self._spatial_embeddings()
         positions = torch.arange(length, device=device).unsqueeze(0)
+        rotary = self.decoder.rotary_emb(spatial[None], positions)  # in the embeddings' dtype, as the decoder makes it
         image_head = self.lm_head.weight[self.config.text_vocab_size :]
         image_head = image_head.to(_autocast_dtype(device.type) or image_head.dtype)  # cast once, not at every step
-        if not use_cache:
-            return _Decoding(spatial, positions, cache=None, causal_mask=None, image_head=image_head)
-        # The last code is sampled, never fed: the cache holds at most max_seq_len - 1 positions.
-        layers = range(self.config.num_hidden_layers)
-        cache = Cache(layers=[_AutocastStaticLayer(max_cache_len=length - 1) for _ in layers])
+        # The last code is sampled, never fed: a step attends to at most max_seq_len - 1 positions.
         causal_mask = create_causal_mask(
             config=self.decoder.config, inputs_embeds=spatial[None, :-1], attention_mask=None, cache=None,
             position_ids=positions[:, :-1], allow_is_causal_skip=False,
         )  # [1, 1, length - 1, length - 1] in the format of the decoder's attention implementation
-        return _Decoding(spatial, positions, cache, causal_mask, image_head)
+        cache = None
+        if use_cache:
+            cache = Cache(layers=[_AutocastStaticLayer(max_cache_len=length - 1) for _ in self.decoder.layers])
+        return _Decoding(spatial, rotary, cache, causal_mask, image_head)
 
-    def _image_logits(self, input_ids: torch.Tensor, start: int, decoding: _Decoding) -> torch.Tensor:
-        """Logits [B, image_vocab_size] over the image codes that follow `input_ids` [B, T] at [start, start + T)."""
-        end = start + input_ids.shape[1]
-        hidden = self.decoder(
-            inputs_embeds=self._embed(input_ids, start, decoding.spatial),
-            position_ids=decoding.positions[:, start:end],
-            attention_mask=None if decoding.causal_mask is None else decoding.causal_mask[:, :, start:end],
-            cache=decoding.cache,
-            use_cache=decoding.cache is not None,
-        ).last_hidden_state[:, -1]
+    def _image_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, decoding: _Decoding) -> torch.Tensor:
+        """Logits [B, image_vocab_size] over the image codes that follow `input_ids` [B, T] at `positions` [T].
+
+        The decoder's layers run as `LlamaModel.forward` runs them, with the call's precomputed rotary
+        tables and mask rows instead of recomputing them at every step.
+        """
+        cos, sin = decoding.rotary
+        mask = decoding.causal_mask[:, :, positions]
+        if decoding.cache is None:  # the whole sequence so far, no cached keys
+            mask = mask[..., : input_ids.shape[1]]
+        hidden = self._embed(input_ids, positions, decoding.spatial)
+        for layer in self.decoder.layers:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos[:, positions], sin[:, positions]),
+                           cache=decoding.cache, use_cache=decoding.cache is not None)
+        hidden = self.decoder.norm(hidden[:, -1])
         return F.linear(hidden, decoding.image_head).float()
+
+    def _sampling_step(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, decoding: _Decoding, noise: torch.Tensor | None,
+        guidance_scale: float, warpers: LogitsProcessorList,
+    ) -> torch.Tensor:
+        """The next code [B, 1] after `input_ids` at `positions`: guidance, warpers, then the exponential race
+        with `noise` (greedy without). Tensors in, tensors out: this is what `compile=True` traces."""
+        logits = self._image_logits(input_ids, positions, decoding)
+        if guidance_scale != 1.0:
+            logits = classifier_free_guidance(*logits.chunk(2), guidance_scale)
+        if noise is None:
+            return logits.argmax(dim=-1, keepdim=True)
+        # The warpers in use (temperature, top-k, top-p) read only the scores, not the ids generated so far.
+        return sample_with_noise(warpers(input_ids, logits).softmax(dim=-1), noise)
+
+    def _compiled_sampling_step(self) -> Callable[..., torch.Tensor]:
+        """`PriorModel._sampling_step` through `torch.compile`, one per device type, shared by every prior.
+
+        The model is an argument of the traced function, not a closure, so a copy of a model never
+        runs its original's weights; dynamo treats the weights as inputs, and priors of one shape
+        share a graph (compiled graphs are cached per shape).
+        """
+        device_type = self.device.type
+        if device_type not in _COMPILED_SAMPLING_STEPS:
+            options = {"cpp_wrapper": True} if device_type == "cpu" else None  # C++ launches the CPU kernels
+            _COMPILED_SAMPLING_STEPS[device_type] = torch.compile(PriorModel._sampling_step, options=options)
+        return functools.partial(_COMPILED_SAMPLING_STEPS[device_type], self)
 
     @torch.no_grad()
     def generate(
@@ -326,6 +370,7 @@ class PriorModel(PriorPreTrainedModel):
         do_sample: bool = True,
         progress: bool = False,
         mixed_precision: Literal["auto", "no", "bf16"] = "auto",
+        compile: bool = False,
     ) -> torch.Tensor:
         """Sample image codes [B, h, w] for captions `text_ids` [B, text_len].
 
@@ -334,6 +379,8 @@ class PriorModel(PriorPreTrainedModel):
         `do_sample=False` picks the most likely code (greedy); `progress` shows a bar over the codes.
         `mixed_precision`: `auto` samples under bf16 autocast on CPUs with native bf16 (AVX-512 BF16,
         AMX), where it is faster, and otherwise in the caller's precision; `no` forces fp32.
+        `compile`: run the one-token step of the KV cache through `torch.compile`: the first call at
+        a batch size compiles (tens of seconds on CPU), later ones draw the same codes faster.
         """
         grid, batch = self.config.image_grid_size, text_ids.shape[0]
         prefix_codes = None
@@ -347,26 +394,26 @@ class PriorModel(PriorPreTrainedModel):
             unconditional = self.build_input_ids(self.empty_text_ids(batch, text_ids.device), prefix_codes)
             input_ids = torch.cat([input_ids, unconditional])
         warpers = self._sampling_warpers(do_sample, temperature, top_k, top_p)
+        if compile and not use_cache:
+            raise ValueError("compile=True compiles the one-token step of the KV cache: it needs use_cache=True")
+        one_token_step = self._compiled_sampling_step() if compile else self._sampling_step
 
         text_vocab, length, prefix_length = self.config.text_vocab_size, self.config.max_seq_len, input_ids.shape[1]
         sequence = F.pad(input_ids, (0, length - prefix_length))  # [rows, max_seq_len], filled in as codes are drawn
+        all_positions = torch.arange(length, device=self.device)
+        noise_shape = (batch, self.config.image_vocab_size)
         with self._sampling_precision(mixed_precision):
             decoding = self._decoding(use_cache)
-            step_input, start = input_ids, 0
+            step_input, step = input_ids, self._sampling_step  # the prompt runs eagerly: its length varies
             steps = tqdm(range(prefix_length, length), desc="sampling image codes", unit="code",
                          disable=not progress, leave=False)
             for position in steps:
-                logits = self._image_logits(step_input, start, decoding)
-                if guided:
-                    logits = classifier_free_guidance(*logits.chunk(2), guidance_scale)
-                if do_sample:
-                    probs = warpers(sequence[:batch, :position], logits).softmax(dim=-1)
-                    codes = sample_categorical(probs, generator)
-                else:
-                    codes = logits.argmax(dim=-1, keepdim=True)
+                first = position - step_input.shape[1]
+                noise = exponential_noise(noise_shape, generator, self.device) if do_sample else None
+                codes = step(step_input, all_positions[first:position], decoding, noise, guidance_scale, warpers)
                 sequence[:, position : position + 1] = (codes + text_vocab).repeat(2 if guided else 1, 1)
                 if use_cache:
-                    step_input, start = sequence[:, position : position + 1], position
+                    step_input, step = sequence[:, position : position + 1], one_token_step
                 else:
                     step_input = sequence[:, : position + 1]
         image_ids = sequence[:batch, self.image_start :] - text_vocab

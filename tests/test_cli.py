@@ -71,6 +71,23 @@ def test_generate_writes_one_row_per_prompt_and_is_seeded(demo_run: tuple[Path, 
     assert not np.array_equal(grids[0], grids[2])
 
 
+def test_generate_compiled_draws_the_eager_images(demo_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """`--compile` (the prior's compiled sampling step) draws the eager loop's images for a seed, but where
+    rounding differs: an image whose codes part at one step is drawn differently from there on."""
+    output_dir, cache = demo_run
+    grids = []
+    for name, flags in (("eager.png", ()), ("compiled.png", ("--compile",))):
+        result = dallekit("generate", "--model", str(output_dir / "pipeline"), "--prompt", "a handwritten digit seven",
+                          "--prompt", "the number 3", "--num-images", "3", "--seed", "3", "--scale", "1", *flags,
+                          "--out", str(tmp_path / name), cache=cache)
+        assert result.returncode == 0, result.stderr[-3000:]
+        grid = np.asarray(Image.open(tmp_path / name))[:, -(3 * 18 + 2):]  # the images, right of the labels
+        grids.append([grid[2 + 18 * row: 18 * (row + 1), 2 + 18 * column: 18 * (column + 1)]
+                      for row in range(2) for column in range(3)])  # the six 16-pixel images
+    same = sum(np.array_equal(eager, compiled) for eager, compiled in zip(*grids))
+    assert same >= 4, f"only {same} of 6 images are the same"
+
+
 def test_generate_reranks_candidates_with_the_saved_scorer(demo_run: tuple[Path, Path], tmp_path: Path) -> None:
     output_dir, cache = demo_run
     prompts = ["a handwritten digit seven", "the number 3"]

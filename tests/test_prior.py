@@ -3,7 +3,7 @@ priming, bf16 and compiled sampling, dropout, memorisation, save/load."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
 
 import pytest
 import torch
@@ -218,25 +218,36 @@ def test_bf16_keeps_the_next_code_distributions_and_seeded_determinism(prior: Pr
         prior.generate(text, mixed_precision="fp16")
 
 
-def test_compiled_decoder_samples_the_same_codes_and_compiles_once_per_shape(prior: PriorModel) -> None:
-    """`prior.decoder.compile()` traces two graphs (the prompt, then one token a step) and gives the eager codes."""
+def test_compiled_sampling_step_draws_the_eager_codes_and_compiles_once_per_shape(prior: PriorModel) -> None:
+    """`generate(compile=True)` (inductor) traces one graph for all one-token steps of a batch shape, draws
+    the eager loop's codes (fp32), and a copy of the model with other weights runs its own weights."""
+    from torch._dynamo.utils import counters
+
     text = captions(3)
-    eager = [prior.generate(text, guidance_scale=g, generator=torch.Generator().manual_seed(1)) for g in (1.0, 2.0)]
-    graphs = []
-
-    def counting_backend(graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        graphs.append(graph)
-        return graph.forward  # dynamo's tracing, run as traced: no inductor code generation in the test
-
+    seeded = dict(mixed_precision="no", top_k=8)
+    eager = [prior.generate(text, guidance_scale=g, generator=torch.Generator().manual_seed(1), **seeded)
+             for g in (1.0, 2.0)]
     torch._dynamo.reset()
-    prior.decoder.compile(backend=counting_backend, dynamic=False)
+    counters.clear()
     try:
-        assert torch.equal(prior.generate(text, generator=torch.Generator().manual_seed(1)), eager[0])
-        assert len(graphs) == 2, "one graph for the prompt, one for all later steps: no recompile per position"
-        assert torch.equal(prior.generate(text, generator=torch.Generator().manual_seed(1)), eager[0])
-        assert len(graphs) == 2
-        guided = prior.generate(text, guidance_scale=2.0, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(prior.generate(text, generator=torch.Generator().manual_seed(1), compile=True, **seeded),
+                           eager[0])
+        assert counters["stats"]["unique_graphs"] == 1, "one graph for every step: no recompile per position"
+        assert torch.equal(prior.generate(text, generator=torch.Generator().manual_seed(1), compile=True, **seeded),
+                           eager[0])
+        assert counters["stats"]["unique_graphs"] == 1
+        guided = prior.generate(text, guidance_scale=2.0, generator=torch.Generator().manual_seed(1), compile=True,
+                                **seeded)
         assert torch.equal(guided, eager[1])
+        other = copy.deepcopy(prior)
+        with torch.no_grad():
+            other.lm_head.weight[40:48] += 5.0  # this copy prefers codes 0-7
+        drawn = other.generate(text, generator=torch.Generator().manual_seed(1), compile=True, **seeded)
+        assert torch.equal(drawn, other.generate(text, generator=torch.Generator().manual_seed(1), **seeded))
+        assert not torch.equal(drawn, eager[0])
+        assert counters["stats"]["unique_graphs"] == 2, "the copy reuses the graph of its shape"
+        with pytest.raises(ValueError, match="compile=True .* needs use_cache=True"):
+            prior.generate(text, compile=True, use_cache=False)
     finally:
         torch._dynamo.reset()
 
