@@ -346,7 +346,8 @@ class TextToImagePipeline:
                 init_codes.repeat_interleave(num_candidates, dim=0))
         codes, pixels, scores = [], [], []
         starts = range(0, len(text_ids), batch_size)
-        for start in tqdm(starts, desc="candidate batches", unit="batch", disable=not progress or len(starts) == 1):
+        bar = tqdm(total=len(starts), desc="candidate batches", unit="batch", disable=not progress or len(starts) == 1)
+        for start in starts:  # the bar is updated, not iterated (see `PriorModel.generate`)
             batch = slice(start, start + batch_size)
             batch_codes = self.prior.generate(
                 text_ids[batch], guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -357,6 +358,8 @@ class TextToImagePipeline:
             pixels.append(self.vqvae.decode(batch_codes.to(next(self.vqvae.parameters()).device)).float().cpu())
             if scorer is not None:
                 scores.append(scorer.score(pixels[-1], captions[batch]))
+            bar.update()
+        bar.close()
         codes, pixels = torch.cat(codes), torch.cat(pixels)
         scores = torch.cat(scores) if scorer is not None else None
         if num_candidates > num_images_per_prompt:  # keep the best k of each prompt's N, best first

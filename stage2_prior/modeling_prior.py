@@ -405,9 +405,11 @@ class PriorModel(PriorPreTrainedModel):
         with self._sampling_precision(mixed_precision):
             decoding = self._decoding(use_cache)
             step_input, step = input_ids, self._sampling_step  # the prompt runs eagerly: its length varies
-            steps = tqdm(range(prefix_length, length), desc="sampling image codes", unit="code",
-                         disable=not progress, leave=False)
-            for position in steps:
+            # The bar is updated, never iterated: the loop must not depend on it (Gradio's progress tracking
+            # replaces a tracked bar's iterator with its own, which follows the latest bar opened, e.g. inductor's).
+            bar = tqdm(total=length - prefix_length, desc="sampling image codes", unit="code", disable=not progress,
+                       leave=False)
+            for position in range(prefix_length, length):
                 first = position - step_input.shape[1]
                 noise = exponential_noise(noise_shape, generator, self.device) if do_sample else None
                 codes = step(step_input, all_positions[first:position], decoding, noise, guidance_scale, warpers)
@@ -416,5 +418,7 @@ class PriorModel(PriorPreTrainedModel):
                     step_input, step = sequence[:, position : position + 1], one_token_step
                 else:
                     step_input = sequence[:, : position + 1]
+                bar.update()
+            bar.close()
         image_ids = sequence[:batch, self.image_start :] - text_vocab
         return rearrange(image_ids, "b (h w) -> b h w", h=grid)

@@ -104,6 +104,27 @@ def test_a_prompt_gives_the_requested_images_and_its_seed_repeats_them(
     assert not np.array_equal(np.stack(generate(client, num_images=3, seed=8)[0]), np.stack(images))
 
 
+def test_a_compiled_page_draws_every_code_while_inductor_compiles(
+    pipe: TextToImagePipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`serve --compile`: the first request compiles the sampling step from a cold inductor cache, whose
+    compilation opens progress bars of its own under Gradio's tqdm tracking, and still draws every code
+    (a loop that iterated its bar stopped after three codes): the page shows what the compiled pipeline draws."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    try:
+        with serving(build_app(pipe, compile=True)) as url:
+            client = connect(url, tmp_path / "downloads")
+            first, _, notes = generate(client, num_images=2, seed=5)
+            again, _, _ = generate(client, num_images=2, seed=5)
+        expected = drawn_by(pipe, 2, seed=5, compile=True)
+    finally:
+        torch._dynamo.reset()
+    assert notes.startswith("2 images in")
+    np.testing.assert_array_equal(np.stack(first), np.stack(expected))
+    np.testing.assert_array_equal(np.stack(again), np.stack(expected))
+
+
 def test_completing_an_uploaded_image_keeps_its_first_rows(
     pipe: TextToImagePipeline, client: Client, tmp_path: Path,
 ) -> None:
