@@ -51,9 +51,6 @@ from timing import cpu_name, median_seconds  # noqa: E402
 VERSION = "1.6.6"
 INSTALL = ("pip install --no-deps dalle-pytorch==1.6.6 axial-positional-embedding==0.3.12 "
            "rotary-embedding-torch==0.9.1")
-# The demo prior's shapes (configs/prior/demo.yaml, configs/dvae/demo.yaml, the BPE's vocabulary on the digits captions).
-DEMO_SIZES = dict(text_vocab_size=331, text_len=16, image_vocab_size=128, grid=8, image_size=32,
-                  depth=4, dim=256, heads=4, dim_head=64)
 # The reference's VAE at its cheapest for the demo's shapes: no residual blocks, and the demo VQ-VAE's
 # code width (64) and first hidden width (16); its depth is fixed by image_size / grid (2 layers at 32px, 8x8).
 VAE_CODEBOOK_DIM, VAE_HIDDEN_DIM = 64, 16
@@ -195,17 +192,20 @@ def main() -> None:
     if reason is not None:
         sys.exit(reason)
     torch.set_num_threads(args.threads)
+    from stage2 import demo_pipeline, reference_sizes  # here: bench/stage2.py imports this module
+
+    sizes = reference_sizes(demo_pipeline(torch.device("cpu")))
     print(f"dalle-pytorch {VERSION}, fp32, CPU {cpu_name()!r}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}")
-    print(f"sizes: {DEMO_SIZES}, DiscreteVAE codebook_dim {VAE_CODEBOOK_DIM}, hidden_dim {VAE_HIDDEN_DIM}")
+    print(f"sizes: {sizes}, DiscreteVAE codebook_dim {VAE_CODEBOOK_DIM}, hidden_dim {VAE_HIDDEN_DIM}")
     print(f"{'batch':>5} {'guidance':>8} | images/s: {'cache':>8} {'as shipped':>10} {'no cache':>8} {'decode':>8}"
           f" | decode share")
     for batch_size in args.batches:
-        decode = median_seconds({"decode": reference_decoder(batch_size, **DEMO_SIZES)}, args.repeats)["decode"]
+        decode = median_seconds({"decode": reference_decoder(batch_size, **sizes)}, args.repeats)["decode"]
         for guidance in args.guidance:
-            cached = reference_sampler(batch_size, guidance, **DEMO_SIZES)
-            shipped = reference_sampler(batch_size, guidance, **DEMO_SIZES, fix_cache=False)
-            no_cache = reference_sampler(batch_size, guidance, **DEMO_SIZES, use_cache=False)
+            cached = reference_sampler(batch_size, guidance, **sizes)
+            shipped = reference_sampler(batch_size, guidance, **sizes, fix_cache=False)
+            no_cache = reference_sampler(batch_size, guidance, **sizes, use_cache=False)
             # As shipped, guidance 1 drops the cache: the no-cache computation, timed with it.
             fast = {"cache": cached} | ({"shipped": shipped} if guidance != 1 else {})
             slow = {"no_cache": no_cache} | ({"shipped": shipped} if guidance == 1 else {})

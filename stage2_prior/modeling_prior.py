@@ -20,8 +20,8 @@ causal mask over the cache, and the image-code rows of `lm_head` (the only logit
 A step takes its positions as a tensor and draws its code from noise made outside it
 (`torch.multinomial`'s own exponential race, so the same seed gives the same codes), so every
 one-token step has the same shapes and no Python-level state: `generate(compile=True)` runs it
-through `torch.compile` (inductor; C++ wrapper on CPU), traced once per batch shape. On CPUs with
-native bf16 it samples under bf16 autocast.
+through `torch.compile` (`compiled_sampling_step`: inductor, C++ wrapper on CPU), traced once per
+batch shape. On CPUs with native bf16 it samples under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -94,9 +94,6 @@ class _AutocastStaticLayer(StaticLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         return super().update(key_states.to(self.keys.dtype), value_states.to(self.values.dtype), *args, **kwargs)
-
-
-_COMPILED_SAMPLING_STEPS: dict[str, Callable[..., torch.Tensor]] = {}  # `PriorModel._compiled_sampling_step`
 
 
 @dataclass
@@ -342,19 +339,6 @@ class PriorModel(PriorPreTrainedModel):
         # The warpers in use (temperature, top-k, top-p) read only the scores, not the ids generated so far.
         return sample_with_noise(warpers(input_ids, logits).softmax(dim=-1), noise)
 
-    def _compiled_sampling_step(self) -> Callable[..., torch.Tensor]:
-        """`PriorModel._sampling_step` through `torch.compile`, one per device type, shared by every prior.
-
-        The model is an argument of the traced function, not a closure, so a copy of a model never
-        runs its original's weights; dynamo treats the weights as inputs, and priors of one shape
-        share a graph (compiled graphs are cached per shape).
-        """
-        device_type = self.device.type
-        if device_type not in _COMPILED_SAMPLING_STEPS:
-            options = {"cpp_wrapper": True} if device_type == "cpu" else None  # C++ launches the CPU kernels
-            _COMPILED_SAMPLING_STEPS[device_type] = torch.compile(PriorModel._sampling_step, options=options)
-        return functools.partial(_COMPILED_SAMPLING_STEPS[device_type], self)
-
     @torch.no_grad()
     def generate(
         self,
@@ -380,7 +364,8 @@ class PriorModel(PriorPreTrainedModel):
         `mixed_precision`: `auto` samples under bf16 autocast on CPUs with native bf16 (AVX-512 BF16,
         AMX), where it is faster, and otherwise in the caller's precision; `no` forces fp32.
         `compile`: run the one-token step of the KV cache through `torch.compile`: the first call at
-        a batch size compiles (tens of seconds on CPU), later ones draw the same codes faster.
+        a batch size compiles (tens of seconds on CPU), later ones draw faster; the same codes in fp32,
+        under bf16 now and then another where the fused kernels round differently.
         """
         grid, batch = self.config.image_grid_size, text_ids.shape[0]
         prefix_codes = None
@@ -396,7 +381,9 @@ class PriorModel(PriorPreTrainedModel):
         warpers = self._sampling_warpers(do_sample, temperature, top_k, top_p)
         if compile and not use_cache:
             raise ValueError("compile=True compiles the one-token step of the KV cache: it needs use_cache=True")
-        one_token_step = self._compiled_sampling_step() if compile else self._sampling_step
+        one_token_step = self._sampling_step
+        if compile:
+            one_token_step = functools.partial(compiled_sampling_step(self.device.type), self)
 
         text_vocab, length, prefix_length = self.config.text_vocab_size, self.config.max_seq_len, input_ids.shape[1]
         sequence = F.pad(input_ids, (0, length - prefix_length))  # [rows, max_seq_len], filled in as codes are drawn
@@ -422,3 +409,14 @@ class PriorModel(PriorPreTrainedModel):
             bar.close()
         image_ids = sequence[:batch, self.image_start :] - text_vocab
         return rearrange(image_ids, "b (h w) -> b h w", h=grid)
+
+
+@functools.cache
+def compiled_sampling_step(device_type: str) -> Callable[..., torch.Tensor]:
+    """`PriorModel._sampling_step` through `torch.compile`, one per device type, shared by every prior.
+
+    The model is an argument of the traced function, not a closure, so a copy of a model never runs
+    its original's weights; dynamo treats the weights as inputs, and priors of one shape share a graph.
+    """
+    options = {"cpp_wrapper": True} if device_type == "cpu" else None  # C++ launches the CPU kernels
+    return torch.compile(PriorModel._sampling_step, options=options)
