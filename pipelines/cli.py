@@ -3,10 +3,10 @@
     dallekit demo [--dataset digits|shapes|emoji] [--output-dir outputs/demo] [--image-size 32]
     dallekit train --data DIR_OR_HUB_ID [--image-size 64] [--output-dir outputs/train] [--caption-languages en es]
     dallekit generate --model DIR_OR_HUB_ID --prompt "..." [--prompt ...] [--num-images 8] [--candidates N]
-                      [--guidance-scale 3] [--top-k K] [--temperature T] [--seed 0] [--compile] --out samples.png
+                      [--guidance-scale 3] [--top-k K] [--temperature T] [--seed 0] [--[no-]compile] --out samples.png
     dallekit evaluate --model DIR_OR_HUB_ID [--dataset digits] [--guidance-scales 1 3 5] [--max-prompts N]
     dallekit evaluate-tokenizer --model DIR_OR_HUB_ID [--dataset digits] [--subfolder vqvae]
-    dallekit serve --model DIR_OR_HUB_ID [--host 127.0.0.1] [--port 7860] [--compile]   (needs the `web` extra)
+    dallekit serve --model DIR_OR_HUB_ID [--host 127.0.0.1] [--port 7860] [--[no-]compile]   (needs the `web` extra)
 
 User errors (a missing model, an unknown dataset, a bad number) print one line and exit with 2.
 """
@@ -114,6 +114,11 @@ def _train(args: argparse.Namespace) -> None:
     print(f"took {metrics['seconds']['total'] / 60:.1f} min")
 
 
+def _compile_mode(args: argparse.Namespace) -> bool | str:
+    """`--compile` / `--no-compile`, else the pipeline's `auto`."""
+    return "auto" if args.compile is None else args.compile
+
+
 def _generate(args: argparse.Namespace) -> None:
     """Draw `--num-images` images for each `--prompt` into one grid (one row per prompt), the best of
     `--candidates` by the pipeline's scorer when given; print the scores when there is a scorer."""
@@ -134,7 +139,7 @@ def _generate(args: argparse.Namespace) -> None:
     generator = torch.Generator(device=pipe.device).manual_seed(args.seed)
     output = pipe(args.prompt, num_images_per_prompt=args.num_images, num_candidates=args.candidates,
                   guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-                  generator=generator, output_type="pt", compile=args.compile)
+                  generator=generator, output_type="pt", compile=_compile_mode(args))
     save_image_grid(output.images, args.out, num_rows=len(args.prompt), scale=args.scale, row_labels=args.prompt)
     drawn = f", the best of {args.candidates} per prompt by the scorer" if reranking else ""
     print(f"{len(output.images)} images{drawn}: {args.out}")
@@ -201,7 +206,7 @@ def _serve(args: argparse.Namespace) -> None:
             raise
         raise UserError('the web page needs Gradio, which is not installed: pip install -e ".[web]" '
                         "(from the dallekit checkout)") from None
-    app = build_app(_load_pipeline(args.model), compile=args.compile)
+    app = build_app(_load_pipeline(args.model), compile=_compile_mode(args))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request the page makes
     try:
         app.launch(server_name=args.host, server_port=args.port)
@@ -245,9 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=_positive_float, default=1.0)
     generate.add_argument("--top-k", type=_positive_int, default=None)
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--compile", action="store_true",
-                          help="compile the prior's sampling step with torch.compile: pays for many images "
-                               "(hundreds of candidates), costs tens of seconds first on a CPU")
+    generate.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                          help="compile the prior's sampling step with torch.compile at once (pays for hundreds of "
+                               "candidates; seconds to tens of seconds first on a CPU), or never (--no-compile); "
+                               "default: once a setting has spent 10 s sampling")
     generate.add_argument("--scale", type=_positive_int, default=2, help="enlarge each image this many times")
     generate.add_argument("--out", required=True, type=Path, help="the grid image to write (PNG)")
     generate.set_defaults(run=_generate)
@@ -275,9 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", required=True, help="directory or Hub id of a saved pipeline")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=_port, default=7860)
-    serve.add_argument("--compile", action="store_true",
-                       help="compile the prior's sampling step: later requests are faster, the first ones at "
-                            "each new size and setting wait tens of seconds")
+    serve.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="compile the prior's sampling step at the first request of each size and setting "
+                            "(which waits for it), or never (--no-compile); default: once a size and setting "
+                            "has spent 10 s sampling")
     serve.set_defaults(run=_serve)
     return parser
 

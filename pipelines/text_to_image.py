@@ -301,7 +301,7 @@ class TextToImagePipeline:
         output_type: Literal["pil", "np", "pt"] = "pil",
         return_dict: bool = True,
         progress: bool = True,
-        compile: bool = False,
+        compile: bool | Literal["auto"] = "auto",
     ) -> TextToImageOutput | tuple:
         """Images for `prompt` (one or a list), `num_images_per_prompt` each.
 
@@ -310,9 +310,10 @@ class TextToImagePipeline:
         against its prompt and the best `num_images_per_prompt` are kept, highest score first. With
         as many candidates as images nothing is dropped or reordered, and the scores come along when
         there is a scorer. `return_dict=False` gives `(images, codes)`, plus `scores` when scored.
-        `compile=True` samples with the prior's compiled one-token step (`PriorModel.generate`): it
-        pays in a process that draws many images (a server, a large batch of candidates), not in one
-        short call, since the first call at a batch size spends tens of seconds compiling on a CPU.
+        `compile` is the prior's (`PriorModel.generate`): `auto` (default) samples eagerly until a
+        setting has spent 10 s sampling, then with the compiled one-token step, so a loop of calls, a
+        server or a large batch of candidates compiles and one short call does not; `True` compiles at
+        once (seconds to tens of seconds per batch size on a CPU), `False` never.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or num_images_per_prompt < 1:

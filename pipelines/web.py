@@ -17,7 +17,7 @@ from importlib.metadata import distribution, requires
 from importlib.metadata import version as package_version
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import gradio as gr
 import torch
@@ -86,12 +86,13 @@ def _describe(pipe: TextToImagePipeline) -> str:
     )
 
 
-def build_app(pipe: TextToImagePipeline, compile: bool = False) -> gr.Blocks:
+def build_app(pipe: TextToImagePipeline, compile: bool | Literal["auto"] = "auto") -> gr.Blocks:
     """The page over `pipe`, queued (one request samples at a time); call `.launch()` to serve it.
 
     A "candidates to rerank" control appears when the pipeline has a scorer (`pipe.scorer`), and is
-    passed to it as `num_candidates`. `compile=True` samples with the prior's compiled step: the
-    first requests at new sizes and settings wait for compilation, later ones are faster.
+    passed to it as `num_candidates`. `compile` goes to the pipeline: `auto` compiles the prior's
+    sampling step for a size and setting once its requests have spent 10 s sampling, `True` at the
+    first request of each (which waits for it), `False` never.
     """
     grid = pipe.prior.config.image_grid_size
     has_scorer = pipe.scorer is not None

@@ -13,23 +13,26 @@ so checkpoints keep their names).
 logits warpers), a seeded `torch.Generator`, and classifier-free guidance with the conditional
 and unconditional branches in one batch sharing one cache. transformers' own `generate()` runs
 guidance for decoder-only models as a second, unbatched forward per step and samples from the
-global RNG, so the loop here is written out over the same decoder layers. Its cache is static
-(transformers' `StaticLayer`s, preallocated once per call), and what does not change from step to
-step is made once per call: the row/column embeddings, the rotary cos/sin of every position, the
-causal mask over the cache, and the image-code rows of `lm_head` (the only logits a step needs).
-A step takes its positions as a tensor and draws its code from noise made outside it
-(`torch.multinomial`'s own exponential race, so the same seed gives the same codes), so every
-one-token step has the same shapes and no Python-level state: `generate(compile=True)` runs it
-through `torch.compile` (`compiled_sampling_step`: inductor, C++ wrapper on CPU), traced once per
-batch shape. On CPUs with native bf16 it samples under bf16 autocast.
+global RNG, so the loop here is written out. Its cached steps run the decoder's weights through
+`FusedDecoder` (`kv_decoding.py`: projections fused, weights cast once, a static cache made once
+per call, held by the tests to the decoder's own forward); the prompt runs once per distinct
+row (candidates of one caption and guidance's empty caption share it). A step takes its
+positions as a tensor and draws its code from noise made outside it (`torch.multinomial`'s own
+exponential race, so the same seed gives the same codes), so every one-token step has the same
+shapes and no Python-level state: `generate(compile=True)` runs it through `torch.compile`
+(`compiled_sampling_step`: inductor, C++ wrapper on CPU), traced once per batch shape. On CPUs
+with native bf16 it samples in bf16.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+import logging
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -37,19 +40,21 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import Cache, DynamicCache, LlamaModel, StaticLayer
+from transformers import DynamicCache, LlamaModel
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
 
 from stage2_prior.configuration_prior import PriorConfig
+from stage2_prior.kv_decoding import FusedDecoder
 from training.accelerator import cpu_supports_fast_bf16
 from training.pretrained import StrictPreTrainedModel
+
+logger = logging.getLogger(__name__)
 
 
 def classifier_free_guidance(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float) -> torch.Tensor:
@@ -76,24 +81,21 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-class _AutocastStaticLayer(StaticLayer):
-    """transformers' `StaticLayer` (keys and values preallocated, written in place), stored in the autocast dtype.
+@dataclass
+class AutoCompile:
+    """When `generate(compile="auto")` compiles: a sampling setting (number of sequences, guidance, warpers,
+    dtype: what a compiled step's graph depends on) samples eagerly until it has spent `after_seconds` in eager
+    sampling, about what compiling its step costs on a CPU, and runs the compiled step from its next call on.
+    This is the ski-rental rule: a workload never spends much more than twice what the better of the two choices
+    would have. One short call stays eager; a server, an evaluation or a loop of calls compiles once it pays.
+    A compile that fails (no C++ compiler, say) is reported once, and that setting stays eager."""
 
-    Under bf16 autocast, Llama's rotary embedding hands the cache fp32 keys, which attention then
-    casts to bf16 at every step, the whole preallocated cache at once. Stored in bf16, each key is
-    cast once when written; attention reads the same values.
-    """
+    after_seconds: float = 10.0
+    eager_seconds: Counter = field(default_factory=Counter)
+    failed: set = field(default_factory=set)
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        dtype = _autocast_dtype(key_states.device.type) or key_states.dtype
-        super().lazy_initialization(key_states.to(dtype), value_states.to(dtype))
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        return super().update(key_states.to(self.keys.dtype), value_states.to(self.values.dtype), *args, **kwargs)
+    def wants_compiled(self, setting: Hashable) -> bool:
+        return setting not in self.failed and self.eager_seconds[setting] >= self.after_seconds
 
 
 @dataclass
@@ -101,10 +103,7 @@ class _Decoding:
     """What `generate` makes once per call and reuses at every step."""
 
     spatial: torch.Tensor  # [max_seq_len, hidden] row + column embeddings (zero before the image)
-    rotary: tuple[torch.Tensor, torch.Tensor]  # cos, sin [1, max_seq_len, head_dim] of every position
-    cache: Cache | None  # static, one `_AutocastStaticLayer` per decoder layer; None: every step recomputes all
-    causal_mask: torch.Tensor  # [1, 1, L, L] over the L = max_seq_len - 1 positions a step can attend to
-    image_head: torch.Tensor  # [image_vocab_size, hidden] the lm_head rows of image codes, in the autocast dtype
+    decoder: FusedDecoder | None  # the cached decoder; None: every step runs the whole sequence through `forward`
 
 
 @dataclass
@@ -147,6 +146,7 @@ class PriorModel(PriorPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.embedding_dropout = nn.Dropout(config.embedding_dropout)
         self.residual_dropout = nn.Dropout(config.residual_dropout)
+        self.auto_compile = AutoCompile()  # when `generate(compile="auto")` switches to the compiled step
         if config.residual_dropout > 0:
             for layer in self.decoder.layers:
                 layer.self_attn.register_forward_hook(self._drop_sublayer_output)
@@ -279,51 +279,38 @@ class PriorModel(PriorPreTrainedModel):
             warpers.append(TopPLogitsWarper(top_p))
         return warpers
 
-    def _sampling_precision(self, mixed_precision: str) -> AbstractContextManager:
-        """The autocast context `generate` runs in: `auto` is bf16 on a CPU with native bf16, else the caller's."""
-        device = self.device.type
-        if mixed_precision == "auto":
-            if device != "cpu" or not cpu_supports_fast_bf16():
-                return nullcontext()
-            mixed_precision = "bf16"
-        if mixed_precision not in ("no", "bf16"):
+    def _sampling_dtype(self, mixed_precision: str) -> torch.dtype:
+        """The dtype `generate` computes in: `auto` is the caller's autocast dtype, else bf16 on a CPU with native
+        bf16, else the weights' dtype; `no` is the weights' dtype, `bf16` bf16."""
+        if mixed_precision not in ("auto", "no", "bf16"):
             raise ValueError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {mixed_precision!r}")
-        return torch.autocast(device, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+        if mixed_precision == "auto":
+            device = self.device.type
+            if (dtype := _autocast_dtype(device)) is not None:
+                return dtype
+            mixed_precision = "bf16" if device == "cpu" and cpu_supports_fast_bf16() else "no"
+        return torch.bfloat16 if mixed_precision == "bf16" else self.dtype
 
-    def _decoding(self, use_cache: bool) -> _Decoding:
-        """What stays fixed across the steps of one `generate` call, made once per call."""
-        length, device = self.config.max_seq_len, self.device
-        spatial = self._spatial_embeddings()
-        positions = torch.arange(length, device=device).unsqueeze(0)
-        rotary = self.decoder.rotary_emb(spatial[None], positions)  # in the embeddings' dtype, as the decoder makes it
-        image_head = self.lm_head.weight[self.config.text_vocab_size :]
-        image_head = image_head.to(_autocast_dtype(device.type) or image_head.dtype)  # cast once, not at every step
-        # The last code is sampled, never fed: a step attends to at most max_seq_len - 1 positions.
-        causal_mask = create_causal_mask(
-            config=self.decoder.config, inputs_embeds=spatial[None, :-1], attention_mask=None, cache=None,
-            position_ids=positions[:, :-1], allow_is_causal_skip=False,
-        )  # [1, 1, length - 1, length - 1] in the format of the decoder's attention implementation
-        cache = None
-        if use_cache:
-            cache = Cache(layers=[_AutocastStaticLayer(max_cache_len=length - 1) for _ in self.decoder.layers])
-        return _Decoding(spatial, rotary, cache, causal_mask, image_head)
+    def _decoding(self, rows: int, use_cache: bool, dtype: torch.dtype) -> _Decoding:
+        """What stays fixed across the steps of one `generate` call over `rows` sequences, made once per call."""
+        decoder = None
+        if use_cache:  # the last code is sampled, never fed: the cache holds max_seq_len - 1 positions
+            decoder = FusedDecoder.from_llama(self.decoder, self.lm_head.weight[self.config.text_vocab_size :],
+                                              rows, self.config.max_seq_len - 1, dtype)
+        return _Decoding(self._spatial_embeddings(), decoder)
 
     def _image_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, decoding: _Decoding) -> torch.Tensor:
-        """Logits [B, image_vocab_size] over the image codes that follow `input_ids` [B, T] at `positions` [T].
-
-        The decoder's layers run as `LlamaModel.forward` runs them, with the call's precomputed rotary
-        tables and mask rows instead of recomputing them at every step.
-        """
-        cos, sin = decoding.rotary
-        mask = decoding.causal_mask[:, :, positions]
-        if decoding.cache is None:  # the whole sequence so far, no cached keys
-            mask = mask[..., : input_ids.shape[1]]
-        hidden = self._embed(input_ids, positions, decoding.spatial)
-        for layer in self.decoder.layers:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos[:, positions], sin[:, positions]),
-                           cache=decoding.cache, use_cache=decoding.cache is not None)
-        hidden = self.decoder.norm(hidden[:, -1])
-        return F.linear(hidden, decoding.image_head).float()
+        """Logits [B, image_vocab_size] over the image codes that follow `input_ids` [B, T] at `positions` [T]."""
+        if decoding.decoder is None:  # no cache: the whole sequence so far, through transformers' decoder
+            return self(input_ids, compute_loss=False).logits[:, -1, self.config.text_vocab_size :]
+        if len(positions) == 1:
+            return decoding.decoder(self._embed(input_ids, positions, decoding.spatial), positions)
+        # The prompt: rows repeat (the candidates of a caption, guidance's empty caption), so each distinct
+        # one runs once and the cache copies it to its repeats.
+        distinct, sources = input_ids.unique(dim=0, return_inverse=True)
+        logits = decoding.decoder(self._embed(distinct, positions, decoding.spatial), positions)
+        decoding.decoder.share_rows(sources, len(positions))
+        return logits[sources]
 
     def _sampling_step(
         self, input_ids: torch.Tensor, positions: torch.Tensor, decoding: _Decoding, noise: torch.Tensor | None,
@@ -354,7 +341,7 @@ class PriorModel(PriorPreTrainedModel):
         do_sample: bool = True,
         progress: bool = False,
         mixed_precision: Literal["auto", "no", "bf16"] = "auto",
-        compile: bool = False,
+        compile: bool | Literal["auto"] = "auto",
     ) -> torch.Tensor:
         """Sample image codes [B, h, w] for captions `text_ids` [B, text_len].
 
@@ -363,9 +350,12 @@ class PriorModel(PriorPreTrainedModel):
         `do_sample=False` picks the most likely code (greedy); `progress` shows a bar over the codes.
         `mixed_precision`: `auto` samples under bf16 autocast on CPUs with native bf16 (AVX-512 BF16,
         AMX), where it is faster, and otherwise in the caller's precision; `no` forces fp32.
-        `compile`: run the one-token step of the KV cache through `torch.compile`: the first call at
-        a batch size compiles (tens of seconds on CPU), later ones draw faster; the same codes in fp32,
-        under bf16 now and then another where the fused kernels round differently.
+        `compile`: run the one-token step of the KV cache through `torch.compile` (`True`): the first
+        call at a batch size compiles (seconds to tens of seconds on a CPU), later ones draw faster; the
+        same codes in fp32, under bf16 now and then another where the fused kernels round differently.
+        `auto` (default) samples eagerly until the setting has spent `self.auto_compile.after_seconds`
+        (10 s) sampling, then compiles (`AutoCompile`); `False` never compiles (codes that never change
+        within a session under bf16).
         """
         grid, batch = self.config.image_grid_size, text_ids.shape[0]
         prefix_codes = None
@@ -379,18 +369,27 @@ class PriorModel(PriorPreTrainedModel):
             unconditional = self.build_input_ids(self.empty_text_ids(batch, text_ids.device), prefix_codes)
             input_ids = torch.cat([input_ids, unconditional])
         warpers = self._sampling_warpers(do_sample, temperature, top_k, top_p)
-        if compile and not use_cache:
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+        if compile is True and not use_cache:
             raise ValueError("compile=True compiles the one-token step of the KV cache: it needs use_cache=True")
+        dtype = self._sampling_dtype(mixed_precision)
+        # What a compiled step's graph depends on, beyond the weights' shapes.
+        setting = (len(input_ids), guidance_scale, temperature, top_k, top_p, do_sample, dtype, self.device)
+        compiled = compile is True or (compile == "auto" and use_cache and self.auto_compile.wants_compiled(setting))
         one_token_step = self._sampling_step
-        if compile:
+        if compiled:
             one_token_step = functools.partial(compiled_sampling_step(self.device.type), self)
 
         text_vocab, length, prefix_length = self.config.text_vocab_size, self.config.max_seq_len, input_ids.shape[1]
         sequence = F.pad(input_ids, (0, length - prefix_length))  # [rows, max_seq_len], filled in as codes are drawn
         all_positions = torch.arange(length, device=self.device)
         noise_shape = (batch, self.config.image_vocab_size)
-        with self._sampling_precision(mixed_precision):
-            decoding = self._decoding(use_cache)
+        start = time.perf_counter()
+        # The cached decoder casts its weights itself; autocast serves the uncached path (the decoder's forward).
+        autocast = torch.autocast(self.device.type, dtype=dtype, enabled=not use_cache and dtype != self.dtype)
+        with autocast:
+            decoding = self._decoding(len(input_ids), use_cache, dtype)
             step_input, step = input_ids, self._sampling_step  # the prompt runs eagerly: its length varies
             # The bar is updated, never iterated: the loop must not depend on it (Gradio's progress tracking
             # replaces a tracked bar's iterator with its own, which follows the latest bar opened, e.g. inductor's).
@@ -399,7 +398,17 @@ class PriorModel(PriorPreTrainedModel):
             for position in range(prefix_length, length):
                 first = position - step_input.shape[1]
                 noise = exponential_noise(noise_shape, generator, self.device) if do_sample else None
-                codes = step(step_input, all_positions[first:position], decoding, noise, guidance_scale, warpers)
+                try:
+                    codes = step(step_input, all_positions[first:position], decoding, noise, guidance_scale, warpers)
+                except Exception as error:  # compile="auto" falls back to the eager step; compile=True fails
+                    if compile != "auto" or step is self._sampling_step:
+                        raise
+                    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                    warnings.warn(f"compiling the sampling step failed, sampling eagerly instead: {reason}",
+                                  RuntimeWarning, stacklevel=2)
+                    self.auto_compile.failed.add(setting)
+                    one_token_step = step = self._sampling_step
+                    codes = step(step_input, all_positions[first:position], decoding, noise, guidance_scale, warpers)
                 sequence[:, position : position + 1] = (codes + text_vocab).repeat(2 if guided else 1, 1)
                 if use_cache:
                     step_input, step = sequence[:, position : position + 1], one_token_step
@@ -407,6 +416,12 @@ class PriorModel(PriorPreTrainedModel):
                     step_input = sequence[:, : position + 1]
                 bar.update()
             bar.close()
+        if compile == "auto" and not compiled:
+            self.auto_compile.eager_seconds[setting] += time.perf_counter() - start
+            if self.auto_compile.wants_compiled(setting):
+                logger.info("compile='auto': this sampling setting (%d sequences) has spent %.0f s sampling "
+                            "eagerly; its next call compiles the sampling step", len(input_ids),
+                            self.auto_compile.eager_seconds[setting])
         image_ids = sequence[:batch, self.image_start :] - text_vocab
         return rearrange(image_ids, "b (h w) -> b h w", h=grid)
 
@@ -417,6 +432,8 @@ def compiled_sampling_step(device_type: str) -> Callable[..., torch.Tensor]:
 
     The model is an argument of the traced function, not a closure, so a copy of a model never runs
     its original's weights; dynamo treats the weights as inputs, and priors of one shape share a graph.
+    Shapes are static (`dynamic=False`): each batch size gets its own graph, since inductor's
+    dynamic-shape code for this step runs slower than eager at small batches.
     """
     options = {"cpp_wrapper": True} if device_type == "cpu" else None  # C++ launches the CPU kernels
-    return torch.compile(PriorModel._sampling_step, options=options)
+    return torch.compile(PriorModel._sampling_step, dynamic=False, options=options)

@@ -93,6 +93,33 @@ def test_seeded_sampling_draws_what_a_plain_sampling_loop_draws(prior: PriorMode
         assert torch.equal(codes, expected), setting
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])  # 2: grouped-query attention, two query heads per kv head
+def test_fused_cached_decoder_matches_the_transformers_decoder(kv_heads: int) -> None:
+    """The sampling loop's fused decoder (prompt of repeated rows computed once, then one-token steps with the
+    static cache) gives the image logits of the plain full-sequence `forward`: to float rounding in fp32, and
+    close to the decoder's own bf16 autocast in bf16."""
+    prior = PriorModel(tiny_prior_config(num_key_value_heads=kv_heads)).eval()
+    with torch.no_grad():  # random norm weights, so that folding them into the projections is exercised
+        for norm in [prior.decoder.norm] + [n for layer in prior.decoder.layers
+                                            for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
+            norm.weight.uniform_(0.5, 1.5)
+    text = captions(3)[[0, 1, 0, 2, 1]]  # repeated captions share their prompt
+    input_ids = prior.build_input_ids(text, torch.randint(0, 16, (5, 4, 4)))
+    image_positions = slice(prior.image_start - 1, -1)
+    with torch.no_grad():
+        expected = prior(input_ids, compute_loss=False).logits[:, image_positions, 40:]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected_bf16 = prior(input_ids, compute_loss=False).logits[:, image_positions, 40:]
+        for dtype, reference, tolerance in ((torch.float32, expected, 1e-5), (torch.bfloat16, expected_bf16, 0.01)):
+            decoding = prior._decoding(len(input_ids), use_cache=True, dtype=dtype)
+            positions = torch.arange(input_ids.shape[1])
+            prompt = positions[: prior.image_start]
+            logits = [prior._image_logits(input_ids[:, prompt], prompt, decoding)]
+            logits += [prior._image_logits(input_ids[:, [p]], positions[[p]], decoding)
+                       for p in range(prior.image_start, input_ids.shape[1] - 1)]
+            torch.testing.assert_close(torch.stack(logits, dim=1), reference, atol=tolerance, rtol=0)
+
+
 def test_seeded_sampling_is_reproducible_and_codes_are_valid(prior: PriorModel) -> None:
     text = captions(4)
     first = prior.generate(text, guidance_scale=2.0, top_k=8, top_p=0.9, generator=torch.Generator().manual_seed(7))
@@ -248,6 +275,46 @@ def test_compiled_sampling_step_draws_the_eager_codes_and_compiles_once_per_shap
         assert counters["stats"]["unique_graphs"] == 2, "the copy reuses the graph of its shape"
         with pytest.raises(ValueError, match="compile=True .* needs use_cache=True"):
             prior.generate(text, compile=True, use_cache=False)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_auto_compile_switches_after_eager_time_and_falls_back_when_compiling_fails(prior: PriorModel) -> None:
+    """`compile="auto"`: a setting samples eagerly until it has spent `after_seconds`, then compiled (fp32: the
+    same codes); `compile=False` never compiles; a compile that fails (no C++ compiler) warns and samples
+    eagerly under `auto`, and raises under `compile=True`."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    text, seeded = captions(3), dict(mixed_precision="no", top_k=8)
+    expected = prior.generate(text, generator=torch.Generator().manual_seed(1), compile=False, **seeded)
+    setting = (3, 1.0, 1.0, 8, None, True, torch.float32, prior.device)
+    assert prior.auto_compile.eager_seconds[setting] == 0, "compile=False does not count towards auto"
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        prior.auto_compile.after_seconds = 1e-9  # compile once a setting has sampled at all
+        assert torch.equal(prior.generate(text, generator=torch.Generator().manual_seed(1), **seeded), expected)
+        assert counters["stats"]["unique_graphs"] == 0 and prior.auto_compile.eager_seconds[setting] > 0
+        assert torch.equal(prior.generate(text, generator=torch.Generator().manual_seed(1), **seeded), expected)
+        assert counters["stats"]["unique_graphs"] == 1, "the second call of the setting runs the compiled step"
+        other_setting = prior.generate(text, generator=torch.Generator().manual_seed(1), mixed_precision="no")
+        assert counters["stats"]["unique_graphs"] == 1, "another setting (top_k) starts eager"
+        assert other_setting.shape == expected.shape
+
+        torch._dynamo.reset()
+        fresh = copy.deepcopy(prior)
+        fresh.auto_compile = type(prior.auto_compile)(after_seconds=0.0)
+        with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
+            with pytest.warns(RuntimeWarning, match="compiling the sampling step failed, sampling eagerly instead"):
+                drawn = fresh.generate(text, generator=torch.Generator().manual_seed(1), **seeded)
+            assert torch.equal(drawn, expected) and setting in fresh.auto_compile.failed
+            assert torch.equal(fresh.generate(text, generator=torch.Generator().manual_seed(1), **seeded), expected)
+            torch._dynamo.reset()
+            with pytest.raises(Exception, match="C\\+\\+ compiler"):
+                fresh.generate(text, generator=torch.Generator().manual_seed(1), compile=True, **seeded)
+        with pytest.raises(ValueError, match="compile must be True, False or 'auto', got 'yes'"):
+            prior.generate(text, compile="yes")
     finally:
         torch._dynamo.reset()
 
