@@ -35,6 +35,7 @@ from stage1_dvae import DVAEModel
 from stage2_prior import PriorModel
 from stage2_prior.text_tokenizer import encode_captions
 from textimage_data import ImageTransform
+from training.accelerator import inference_dtype
 from training.images import to_uint8
 
 ModelT = TypeVar("ModelT", DVAEModel, PriorModel, ScorerModel)
@@ -356,7 +357,7 @@ class TextToImagePipeline:
                 init_rows=init_rows, progress=progress, compile=compile,
             )
             codes.append(batch_codes)
-            pixels.append(self.vqvae.decode(batch_codes.to(next(self.vqvae.parameters()).device)).float().cpu())
+            pixels.append(self._decode(batch_codes))
             if scorer is not None:
                 scores.append(scorer.score(pixels[-1], captions[batch]))
             bar.update()
@@ -376,6 +377,14 @@ class TextToImagePipeline:
         if return_dict:
             return TextToImageOutput(images=images, codes=codes, scores=scores)
         return (images, codes) if scores is None else (images, codes, scores)
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, 3, H, W] of `codes` (fp32, on the CPU), decoded in the prior's inference precision: bf16 on
+        a CPU with native bf16 (twice as fast; pixels move by a few levels of 255 at most), else the caller's."""
+        weights = next(self.vqvae.parameters())
+        dtype = inference_dtype(weights.device, weights.dtype)
+        with torch.autocast(weights.device.type, dtype=dtype, enabled=dtype != weights.dtype):
+            return self.vqvae.decode(codes.to(weights.device)).float().cpu()
 
     def _init_pixels(self, init_image: torch.Tensor | Image.Image | list[Image.Image]) -> torch.Tensor:
         if isinstance(init_image, torch.Tensor):

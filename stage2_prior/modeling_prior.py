@@ -51,7 +51,7 @@ from transformers.utils import ModelOutput
 
 from stage2_prior.configuration_prior import PriorConfig
 from stage2_prior.kv_decoding import FusedDecoder
-from training.accelerator import cpu_supports_fast_bf16
+from training.accelerator import inference_dtype
 from training.pretrained import StrictPreTrainedModel
 
 logger = logging.getLogger(__name__)
@@ -74,11 +74,6 @@ def sample_with_noise(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     probability probs[i] (the exponential race). It is how `torch.multinomial` draws one sample, so with the noise
     from the same generator state it returns the same index; drawn outside, the noise keeps the step traceable."""
     return (probs / noise).argmax(dim=-1, keepdim=True)
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast runs matmuls in on `device_type` ("cpu", "cuda"), or None where autocast is off."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 @dataclass
@@ -279,18 +274,6 @@ class PriorModel(PriorPreTrainedModel):
             warpers.append(TopPLogitsWarper(top_p))
         return warpers
 
-    def _sampling_dtype(self, mixed_precision: str) -> torch.dtype:
-        """The dtype `generate` computes in: `auto` is the caller's autocast dtype, else bf16 on a CPU with native
-        bf16, else the weights' dtype; `no` is the weights' dtype, `bf16` bf16."""
-        if mixed_precision not in ("auto", "no", "bf16"):
-            raise ValueError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {mixed_precision!r}")
-        if mixed_precision == "auto":
-            device = self.device.type
-            if (dtype := _autocast_dtype(device)) is not None:
-                return dtype
-            mixed_precision = "bf16" if device == "cpu" and cpu_supports_fast_bf16() else "no"
-        return torch.bfloat16 if mixed_precision == "bf16" else self.dtype
-
     def _decoding(self, rows: int, use_cache: bool, dtype: torch.dtype) -> _Decoding:
         """What stays fixed across the steps of one `generate` call over `rows` sequences, made once per call."""
         decoder = None
@@ -373,7 +356,7 @@ class PriorModel(PriorPreTrainedModel):
             raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
         if compile is True and not use_cache:
             raise ValueError("compile=True compiles the one-token step of the KV cache: it needs use_cache=True")
-        dtype = self._sampling_dtype(mixed_precision)
+        dtype = inference_dtype(self.device, self.dtype, mixed_precision)
         # What a compiled step's graph depends on, beyond the weights' shapes.
         setting = (len(input_ids), guidance_scale, temperature, top_k, top_p, do_sample, dtype, self.device)
         compiled = compile is True or (compile == "auto" and use_cache and self.auto_compile.wants_compiled(setting))

@@ -23,6 +23,7 @@ from stage2_prior import PriorConfig, PriorModel
 from stage2_prior.text_tokenizer import train_text_tokenizer
 from tests.conftest import tiny_dvae_config
 from textimage_data import DataConfig, load_text_image_dataset
+from training.accelerator import inference_dtype
 
 
 def tiny_scorer(tokenizer: PreTrainedTokenizerFast, image_size: int = 16, seed: int = 1) -> TextImageScorer:
@@ -93,6 +94,23 @@ def test_counts_shapes_and_output_types(pipe: TextToImagePipeline) -> None:
     images, codes = pipe("a zero", return_dict=False, output_type="np")
     assert images.shape == (1, 16, 16, 3) and codes.shape == (1, 8, 8)
     assert not np.array_equal(generate(pipe, seed=0), generate(pipe, seed=5))
+
+
+def test_images_are_decoded_in_the_inference_precision(pipe: TextToImagePipeline) -> None:
+    """The pipeline decodes under bf16 where it samples in bf16 (a CPU with native bf16, or a caller's bf16
+    autocast): close to the fp32 decoding, not equal to it; elsewhere in fp32, exactly."""
+    output = pipe("the number 3", num_images_per_prompt=4, generator=torch.Generator().manual_seed(0),
+                  output_type="pt", progress=False)
+    with torch.no_grad():
+        fp32 = pipe.vqvae.decode(output.codes).float()
+    if inference_dtype(torch.device("cpu"), torch.float32) == torch.float32:
+        assert torch.equal(output.images, fp32)
+    else:
+        assert torch.equal(output.images, pipe._decode(output.codes)) and not torch.equal(output.images, fp32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = pipe._decode(output.codes)
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    assert (bf16 - fp32).abs().max() < 0.05  # of the [-1, 1] range: a few levels of 255
 
 
 def test_priming_keeps_the_first_rows_of_the_init_image(pipe: TextToImagePipeline) -> None:

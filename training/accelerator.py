@@ -33,6 +33,18 @@ def cpu_supports_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def inference_dtype(device: torch.device, weights_dtype: torch.dtype, mixed_precision: str = "auto") -> torch.dtype:
+    """The dtype inference computes in: `bf16`; `no`: the weights' dtype; `auto`: the caller's autocast dtype if
+    one is on, else bf16 on a CPU with native bf16 (where it is faster), else the weights' dtype."""
+    if mixed_precision not in ("auto", "no", "bf16"):
+        raise ValueError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {mixed_precision!r}")
+    if mixed_precision == "auto":
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        mixed_precision = "bf16" if device.type == "cpu" and cpu_supports_fast_bf16() else "no"
+    return torch.bfloat16 if mixed_precision == "bf16" else weights_dtype
+
+
 def resolve_mixed_precision(setting: str, use_cpu: bool = False) -> str:
     """Map `auto` to bf16 where it is fast (CUDA with bf16, or a bf16-capable CPU), else `no`."""
     if setting != "auto":
