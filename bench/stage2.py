@@ -208,7 +208,7 @@ def bench_pipeline(batch_sizes: list[int], repeats: int, reference: bool, device
         calls = {
             "pipeline": draw,
             "pipeline_eager": lambda: draw(compile=False),
-            "decode": lambda: pipe.vqvae.decode(codes),
+            "decode": lambda: pipe._decode(codes),  # in the pipeline's precision
             "generate": lambda: pipe.prior.generate(text_ids, guidance_scale=guidance_scale),
             "generate_eager_fp32": lambda: pipe.prior.generate(text_ids, guidance_scale=guidance_scale,
                                                                mixed_precision="no", compile=False),
