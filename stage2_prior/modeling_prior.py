@@ -331,8 +331,9 @@ class PriorModel(PriorPreTrainedModel):
         `guidance_scale` s mixes `uncond + s * (cond - uncond)` (1 disables guidance); with
         `init_codes` [B, h, w] the first `init_rows` rows are kept and the rest completed.
         `do_sample=False` picks the most likely code (greedy); `progress` shows a bar over the codes.
-        `mixed_precision`: `auto` samples under bf16 autocast on CPUs with native bf16 (AVX-512 BF16,
-        AMX), where it is faster, and otherwise in the caller's precision; `no` forces fp32.
+        `mixed_precision`: `auto` follows a caller's autocast, else samples in bf16 on CPUs with native
+        bf16 (AVX-512 BF16, AMX), where it is faster, else in the weights' dtype; `no` forces the
+        weights' dtype (fp32), `bf16` bf16 (`training.accelerator.inference_dtype`).
         `compile`: run the one-token step of the KV cache through `torch.compile` (`True`): the first
         call at a batch size compiles (seconds to tens of seconds on a CPU), later ones draw faster; the
         same codes in fp32, under bf16 now and then another where the fused kernels round differently.
