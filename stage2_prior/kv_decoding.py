@@ -1,21 +1,23 @@
 """Cached decoding of a Llama decoder with fused weights: the hot path of the prior's sampling loop.
 
-`FusedDecoder.from_llama(decoder, head, rows, dtype)` prepares, once per sampling call:
+`FusedDecoder(decoder, head, max_len, dtype)` holds, made once per set of weights:
 - each layer's query/key/value projections as one matrix and its gate/up projections as another
   (four matmuls per layer instead of seven);
 - the RMSNorm weights folded into the projections that follow them, the attention scaling into the
   queries, and the final norm into the output head (`head`: the rows of the logits wanted);
 - every weight cast once to the compute `dtype` (bf16 on CPUs with native bf16), with no autocast
   dispatch at each op;
-- a static key/value cache of `rows` sequences in that dtype, the rotary cos/sin of every position
-  and the causal mask.
+- the rotary cos/sin of every position and the causal mask.
 
-Calling it runs new positions through the layers as `LlamaDecoderLayer` computes them in eval
-mode under autocast (residual stream in the model's dtype, norms in fp32, matmuls and the cache in
-`dtype`, rotary in fp32, softmax accumulated in fp32) and returns the head's logits at the last
-position. It takes its positions as a tensor and keeps no Python-level state, so a one-token step
-has fixed shapes and `torch.compile` traces it once. Training and uncached sampling keep
-transformers' own `LlamaModel`; the tests hold this path to it.
+Its weights are parameters that never change in place (new weights make a new `FusedDecoder`), so
+a compiled step may freeze them into its graph as constants, which lets inductor prepack them for
+oneDNN. `decoder.new_cache(rows)` makes the static key/value cache of one sampling call, and
+`decoder(hidden, positions, cache)` runs new positions through the layers as `LlamaDecoderLayer`
+computes them in eval mode under autocast (residual stream in the model's dtype, norms in fp32,
+matmuls and the cache in `dtype`, rotary in fp32, softmax accumulated in fp32), returning the head's
+logits at the last position. It takes its positions as a tensor and keeps no Python-level state, so
+a one-token step has fixed shapes and `torch.compile` traces it once. Training and uncached sampling
+keep transformers' own `LlamaModel`; the tests hold this path to it.
 """
 
 from __future__ import annotations
@@ -25,39 +27,45 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch import nn
 from transformers import LlamaModel
 
 
-@dataclass
-class FusedLayer:
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+class FusedLayer(nn.Module):
     """One decoder layer's weights in the compute dtype, fused and with its norm weights folded in."""
 
-    qkv: torch.Tensor  # [(heads + 2 kv_heads) * head_dim, hidden]: queries (scaled), keys, values
-    out: torch.Tensor  # [hidden, heads * head_dim]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
+    def __init__(self, qkv: torch.Tensor, out: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        super().__init__()
+        self.qkv = _frozen(qkv)  # [(heads + 2 kv_heads) * head_dim, hidden]: queries (scaled), keys, values
+        self.out = _frozen(out)  # [hidden, heads * head_dim]
+        self.gate_up = _frozen(gate_up)  # [2 * intermediate, hidden]
+        self.down = _frozen(down)  # [hidden, intermediate]
 
 
 @dataclass
-class FusedDecoder:
-    """A Llama decoder's layers, fused for cached decoding of `rows` sequences (see the module docstring)."""
+class KVCache:
+    """The static key/value cache of one sampling call: per layer [rows, kv_heads, max_len, head_dim]."""
 
-    layers: list[FusedLayer]
-    head: torch.Tensor  # [vocab, hidden] the output rows wanted, the final norm folded in
-    keys: list[torch.Tensor]  # per layer [rows, kv_heads, max_len, head_dim]: the static cache, in the compute dtype
+    keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    cos: torch.Tensor  # [max_len, head_dim] rotary tables of every position (fp32, as the decoder makes them)
-    sin: torch.Tensor
-    mask: torch.Tensor  # [max_len, max_len] additive causal mask in the compute dtype
-    num_heads: int
-    eps: float
-    activation: torch.nn.Module
 
-    @classmethod
+    def share_rows(self, sources: torch.Tensor, length: int) -> None:
+        """Fill the first `length` cached positions of every row `i` with those of row `sources[i]` [rows]:
+        sequences that share a prefix compute it once (on the distinct ones, in the first rows) and copy it."""
+        for cache in (*self.keys, *self.values):
+            cache[:, :, :length] = cache[sources, :, :length]  # indexing copies first: no overlap
+
+
+class FusedDecoder(nn.Module):
+    """A Llama decoder's layers, fused for cached decoding (see the module docstring)."""
+
     @torch.no_grad()
-    def from_llama(cls, decoder: LlamaModel, head: torch.Tensor, rows: int, max_len: int,
-                   dtype: torch.dtype) -> FusedDecoder:
-        """Fuse `decoder`'s weights for sequences of up to `max_len` positions, `rows` at a time."""
+    def __init__(self, decoder: LlamaModel, head: torch.Tensor, max_len: int, dtype: torch.dtype) -> None:
+        super().__init__()
         config, layers = decoder.config, []
         for layer in decoder.layers:
             attention, mlp = layer.self_attn, layer.mlp
@@ -68,38 +76,44 @@ class FusedDecoder:
             gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * layer.post_attention_layernorm.weight
             layers.append(FusedLayer(qkv.to(dtype), attention.o_proj.weight.to(dtype), gate_up.to(dtype),
                                      mlp.down_proj.weight.to(dtype)))
-        head_dim = decoder.layers[0].self_attn.head_dim
+        self.layers = nn.ModuleList(layers)
+        self.head = _frozen((head * decoder.norm.weight).to(dtype))  # [vocab, hidden]
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim, self.eps = decoder.layers[0].self_attn.head_dim, config.rms_norm_eps
+        self.activation = decoder.layers[0].mlp.act_fn
         positions = torch.arange(max_len, device=head.device)
-        cos, sin = decoder.rotary_emb(head.new_empty(1, max_len, head_dim), positions[None])
-        cache_shape = (rows, config.num_key_value_heads, max_len, head_dim)
-        future = positions[None, :] > positions[:, None]
-        return cls(
-            layers=layers, head=(head * decoder.norm.weight).to(dtype),
-            keys=[head.new_zeros(cache_shape, dtype=dtype) for _ in layers],
-            values=[head.new_zeros(cache_shape, dtype=dtype) for _ in layers],
-            cos=cos[0].float(), sin=sin[0].float(),
-            mask=torch.zeros(max_len, max_len, dtype=dtype, device=head.device).masked_fill(future, float("-inf")),
-            num_heads=config.num_attention_heads, eps=config.rms_norm_eps, activation=decoder.layers[0].mlp.act_fn,
-        )
+        cos, sin = decoder.rotary_emb(head.new_empty(1, max_len, self.head_dim), positions[None])
+        # [max_len, head_dim] rotary tables (fp32, as the decoder makes them); [max_len, max_len] additive causal mask
+        self.register_buffer("cos", cos[0].float(), persistent=False)
+        self.register_buffer("sin", sin[0].float(), persistent=False)
+        mask = torch.zeros(max_len, max_len, dtype=dtype, device=head.device)
+        self.register_buffer("mask", mask.masked_fill(positions[None, :] > positions[:, None], float("-inf")),
+                             persistent=False)
+
+    def new_cache(self, rows: int) -> KVCache:
+        """A zeroed static cache for `rows` sequences of up to `max_len` positions, in the compute dtype."""
+        shape = (rows, self.num_kv_heads, self.mask.shape[0], self.head_dim)
+        return KVCache(keys=[self.head.new_zeros(shape) for _ in self.layers],
+                       values=[self.head.new_zeros(shape) for _ in self.layers])
 
     def _normalize(self, hidden: torch.Tensor) -> torch.Tensor:
         """RMSNorm without its weight (folded into the next matmul), in fp32, cast to the compute dtype."""
         return F.rms_norm(hidden.float(), hidden.shape[-1:], eps=self.eps).to(self.head.dtype)
 
-    def __call__(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, vocab] (fp32) after the last of the embedded positions `hidden` [B, T, hidden] at
-        `positions` [T], writing their keys and values into the cache's first B rows (B <= rows)."""
-        rows, (cache_rows, kv_heads, _, head_dim) = hidden.shape[0], self.keys[0].shape
+        `positions` [T], writing their keys and values into the cache's first B rows."""
+        rows, kv_heads = hidden.shape[0], self.num_kv_heads
         groups = self.num_heads // kv_heads
         cos, sin = self.cos[positions, None], self.sin[positions, None]  # [T, 1, head_dim]
         mask = self.mask[positions]  # [T, max_len]
         if groups > 1:  # grouped-query attention: each kv head serves `groups` query heads, stacked as rows
             mask = mask.repeat(groups, 1)
-        for layer, keys, values in zip(self.layers, self.keys, self.values):
-            if rows < cache_rows:  # (a view of a graph input is mutated below: slice only where needed)
+        for layer, keys, values in zip(self.layers, cache.keys, cache.values):
+            if rows < len(keys):  # (a view of a graph input is mutated below: slice only where needed)
                 keys, values = keys[:rows], values[:rows]
             projected = F.linear(self._normalize(hidden), layer.qkv)
-            rotated, value = rearrange(projected, "b t (h d) -> b t h d", d=head_dim).split(
+            rotated, value = rearrange(projected, "b t (h d) -> b t h d", d=self.head_dim).split(
                 [self.num_heads + kv_heads, kv_heads], dim=2)
             first, second = rotated.chunk(2, dim=-1)
             rotated = rotated * cos + torch.cat([-second, first], dim=-1) * sin  # Llama's rotate_half, in fp32
@@ -114,9 +128,3 @@ class FusedDecoder:
             gate, up = F.linear(self._normalize(hidden), layer.gate_up).chunk(2, dim=-1)
             hidden = hidden + F.linear(self.activation(gate) * up, layer.down)
         return F.linear(self._normalize(hidden[:, -1]), self.head).float()
-
-    def share_rows(self, sources: torch.Tensor, length: int) -> None:
-        """Fill the first `length` cached positions of every row `i` with those of row `sources[i]` [rows]:
-        sequences that share a prefix compute it once (`__call__` on the distinct ones) and copy it."""
-        for cache in (*self.keys, *self.values):
-            cache[:, :, :length] = cache[sources, :, :length]  # indexing copies first: no overlap

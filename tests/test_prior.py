@@ -118,6 +118,9 @@ def test_fused_cached_decoder_matches_the_transformers_decoder(kv_heads: int) ->
             logits += [prior._image_logits(input_ids[:, [p]], positions[[p]], decoding)
                        for p in range(prior.image_start, input_ids.shape[1] - 1)]
             torch.testing.assert_close(torch.stack(logits, dim=1), reference, atol=tolerance, rtol=0)
+        # Made once per weights and dtype: calls in both dtypes alternate without rebuilding (nor recompiling).
+        fp32 = prior._fused(torch.float32)
+        assert prior._fused(torch.bfloat16) is not fp32 and prior._fused(torch.float32) is fp32
 
 
 def test_seeded_sampling_is_reproducible_and_codes_are_valid(prior: PriorModel) -> None:
@@ -247,7 +250,8 @@ def test_bf16_keeps_the_next_code_distributions_and_seeded_determinism(prior: Pr
 
 def test_compiled_sampling_step_draws_the_eager_codes_and_compiles_once_per_shape(prior: PriorModel) -> None:
     """`generate(compile=True)` (inductor) traces one graph for all one-token steps of a batch shape, draws
-    the eager loop's codes (fp32), and a copy of the model with other weights runs its own weights."""
+    the eager loop's codes (fp32), and weights frozen into a graph are never stale: a copy of the model with
+    other weights, or the model after an in-place change, runs its own weights."""
     from torch._dynamo.utils import counters
 
     text = captions(3)
@@ -270,9 +274,16 @@ def test_compiled_sampling_step_draws_the_eager_codes_and_compiles_once_per_shap
         with torch.no_grad():
             other.lm_head.weight[40:48] += 5.0  # this copy prefers codes 0-7
         drawn = other.generate(text, generator=torch.Generator().manual_seed(1), compile=True, **seeded)
-        assert torch.equal(drawn, other.generate(text, generator=torch.Generator().manual_seed(1), **seeded))
+        assert torch.equal(drawn, other.generate(text, generator=torch.Generator().manual_seed(1), compile=False,
+                                                 **seeded))
         assert not torch.equal(drawn, eager[0])
-        assert counters["stats"]["unique_graphs"] == 2, "the copy reuses the graph of its shape"
+        assert counters["stats"]["unique_graphs"] == 3, "the copy's weights are frozen into a graph of their own"
+        with torch.no_grad():
+            prior.lm_head.weight[48:56] += 5.0  # changed in place: the frozen graph must not run the old weights
+        changed = prior.generate(text, generator=torch.Generator().manual_seed(1), compile=True, **seeded)
+        assert torch.equal(changed, prior.generate(text, generator=torch.Generator().manual_seed(1), compile=False,
+                                                   **seeded))
+        assert not torch.equal(changed, eager[0]) and counters["stats"]["unique_graphs"] == 4
         with pytest.raises(ValueError, match="compile=True .* needs use_cache=True"):
             prior.generate(text, compile=True, use_cache=False)
     finally:
@@ -288,14 +299,13 @@ def test_auto_compile_switches_after_eager_time_and_falls_back_when_compiling_fa
 
     text, seeded = captions(3), dict(mixed_precision="no", top_k=8)
     expected = prior.generate(text, generator=torch.Generator().manual_seed(1), compile=False, **seeded)
-    setting = (3, 1.0, 1.0, 8, None, True, torch.float32, prior.device)
-    assert prior.auto_compile.eager_seconds[setting] == 0, "compile=False does not count towards auto"
+    assert not prior.auto_compile.eager_seconds, "compile=False does not count towards auto"
     torch._dynamo.reset()
     counters.clear()
     try:
         prior.auto_compile.after_seconds = 1e-9  # compile once a setting has sampled at all
         assert torch.equal(prior.generate(text, generator=torch.Generator().manual_seed(1), **seeded), expected)
-        assert counters["stats"]["unique_graphs"] == 0 and prior.auto_compile.eager_seconds[setting] > 0
+        assert counters["stats"]["unique_graphs"] == 0 and len(prior.auto_compile.eager_seconds) == 1
         assert torch.equal(prior.generate(text, generator=torch.Generator().manual_seed(1), **seeded), expected)
         assert counters["stats"]["unique_graphs"] == 1, "the second call of the setting runs the compiled step"
         other_setting = prior.generate(text, generator=torch.Generator().manual_seed(1), mixed_precision="no")
@@ -308,7 +318,7 @@ def test_auto_compile_switches_after_eager_time_and_falls_back_when_compiling_fa
         with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
             with pytest.warns(RuntimeWarning, match="compiling the sampling step failed, sampling eagerly instead"):
                 drawn = fresh.generate(text, generator=torch.Generator().manual_seed(1), **seeded)
-            assert torch.equal(drawn, expected) and setting in fresh.auto_compile.failed
+            assert torch.equal(drawn, expected) and len(fresh.auto_compile.failed) == 1
             assert torch.equal(fresh.generate(text, generator=torch.Generator().manual_seed(1), **seeded), expected)
             torch._dynamo.reset()
             with pytest.raises(Exception, match="C\\+\\+ compiler"):
