@@ -14,14 +14,15 @@ logits warpers), a seeded `torch.Generator`, and classifier-free guidance with t
 and unconditional branches in one batch sharing one cache. transformers' own `generate()` runs
 guidance for decoder-only models as a second, unbatched forward per step and samples from the
 global RNG, so the loop here is written out. Its cached steps run the decoder's weights through
-`FusedDecoder` (`kv_decoding.py`: projections fused, weights cast once, a static cache made once
-per call, held by the tests to the decoder's own forward); the prompt runs once per distinct
-row (candidates of one caption and guidance's empty caption share it). A step takes its
+`FusedDecoder` (`kv_decoding.py`: projections fused, weights cast once per set of weights, a
+static cache made per call, held by the tests to the decoder's own forward); the prompt runs once
+per distinct row (candidates of one caption and guidance's empty caption share it). A step takes its
 positions as a tensor and draws its code from noise made outside it (`torch.multinomial`'s own
 exponential race, so the same seed gives the same codes), so every one-token step has the same
 shapes and no Python-level state: `generate(compile=True)` runs it through `torch.compile`
-(`compiled_sampling_step`: inductor, C++ wrapper on CPU), traced once per batch shape. On CPUs
-with native bf16 it samples in bf16.
+(`compiled_sampling_step`: inductor, C++ wrapper and frozen weights on CPU), traced once per batch
+shape; `compile="auto"`, the default, switches to it once a setting has spent 10 s sampling
+(`AutoCompile`). On CPUs with native bf16 it samples in bf16.
 """
 
 from __future__ import annotations
