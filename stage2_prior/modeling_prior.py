@@ -285,16 +285,16 @@ class PriorModel(PriorPreTrainedModel):
         place, moved or replaced), since compiled steps freeze its weights into their graphs."""
         weights = tuple((parameter.data_ptr(), parameter._version) for parameter in self.parameters())
         if dtype not in self._fused_decoder or self._fused_decoder[dtype][0] != weights:
+            # The image-code rows of lm_head; the last code is sampled, never fed: max_seq_len - 1 positions.
             head = self.lm_head.weight[self.config.text_vocab_size :]
             self._fused_decoder[dtype] = weights, FusedDecoder(self.decoder, head, self.config.max_seq_len - 1,
                                                                dtype).eval()
         return self._fused_decoder[dtype][1]
 
-    def _decoding(self, rows: int, use_cache: bool, dtype: torch.dtype) -> _Decoding:
-        """What stays fixed across the steps of one `generate` call over `rows` sequences, made once per call.
-        The last code is sampled, never fed: the cache holds max_seq_len - 1 positions."""
-        decoder = self._fused(dtype) if use_cache else None
-        return _Decoding(self._spatial_embeddings(), decoder, decoder.new_cache(rows) if use_cache else None)
+    def _decoding(self, rows: int, decoder: FusedDecoder | None) -> _Decoding:
+        """What stays fixed across the steps of one `generate` call over `rows` sequences, made once per call:
+        with `decoder` (cached sampling), its static cache."""
+        return _Decoding(self._spatial_embeddings(), decoder, decoder.new_cache(rows) if decoder is not None else None)
 
     def _image_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, decoding: _Decoding) -> torch.Tensor:
         """Logits [B, image_vocab_size] over the image codes that follow `input_ids` [B, T] at `positions` [T]."""
@@ -373,7 +373,8 @@ class PriorModel(PriorPreTrainedModel):
             raise ValueError("compile=True compiles the one-token step of the KV cache: it needs use_cache=True")
         dtype = inference_dtype(self.device, self.dtype, mixed_precision)
         # What a compiled step's graph depends on: the weights (frozen into it) and these.
-        setting = (id(self._fused(dtype)), len(input_ids), guidance_scale, temperature, top_k, top_p, do_sample, dtype)
+        fused = self._fused(dtype) if use_cache else None
+        setting = (id(fused), len(input_ids), guidance_scale, temperature, top_k, top_p, do_sample, dtype)
         compiled = compile is True or (compile == "auto" and use_cache and self.auto_compile.wants_compiled(setting))
         one_token_step = self._sampling_step
         if compiled:
@@ -387,7 +388,7 @@ class PriorModel(PriorPreTrainedModel):
         # The cached decoder casts its weights itself; autocast serves the uncached path (the decoder's forward).
         autocast = torch.autocast(self.device.type, dtype=dtype, enabled=not use_cache and dtype != self.dtype)
         with autocast, freezing_weights(self.device.type) if compiled else nullcontext():
-            decoding = self._decoding(len(input_ids), use_cache, dtype)
+            decoding = self._decoding(len(input_ids), fused)
             step_input, step = input_ids, self._sampling_step  # the prompt runs eagerly: its length varies
             # The bar is updated, never iterated: the loop must not depend on it (Gradio's progress tracking
             # replaces a tracked bar's iterator with its own, which follows the latest bar opened, e.g. inductor's).

@@ -111,7 +111,7 @@ def test_fused_cached_decoder_matches_the_transformers_decoder(kv_heads: int) ->
         with torch.autocast("cpu", dtype=torch.bfloat16):
             expected_bf16 = prior(input_ids, compute_loss=False).logits[:, image_positions, 40:]
         for dtype, reference, tolerance in ((torch.float32, expected, 1e-5), (torch.bfloat16, expected_bf16, 0.01)):
-            decoding = prior._decoding(len(input_ids), use_cache=True, dtype=dtype)
+            decoding = prior._decoding(len(input_ids), prior._fused(dtype))
             positions = torch.arange(input_ids.shape[1])
             prompt = positions[: prior.image_start]
             logits = [prior._image_logits(input_ids[:, prompt], prompt, decoding)]
