@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation import evaluate_pipeline  # noqa: E402
+from dallekit.evaluation import evaluate_pipeline  # noqa: E402
 from pipelines import TextToImagePipeline  # noqa: E402
 from timing import cpu_name  # noqa: E402
 

@@ -81,7 +81,7 @@ def run_one(suite: str, name: str, overrides: list[str], curve_every: float, kee
         model_config = json.loads((Path(output_dir) / "model" / "config.json").read_text())
         judged = {}
         if suite == "digits":
-            from evaluation.reconstruction import judge_reconstructions
+            from dallekit.evaluation.reconstruction import judge_reconstructions
             from stage1_dvae import DVAEModel
 
             judged = judge_reconstructions(DVAEModel.from_pretrained(Path(output_dir) / "model"), suite)

@@ -49,10 +49,10 @@ from stage1_dvae.train import Stage1Config  # noqa: E402
 from stage2_prior import PriorConfig, PriorModel  # noqa: E402
 from stage2_prior.text_tokenizer import encode_captions, train_text_tokenizer  # noqa: E402
 from stage2_prior.train import Stage2Config  # noqa: E402
-from textimage_data import DataConfig, load_text_image_dataset  # noqa: E402
-from training.accelerator import resolve_mixed_precision  # noqa: E402
-from training.config import TrainingConfig, load_config  # noqa: E402
-from training.optim import create_optimizer  # noqa: E402
+from dallekit.data import DataConfig, load_text_image_dataset  # noqa: E402
+from dallekit.training.accelerator import resolve_mixed_precision  # noqa: E402
+from dallekit.training.config import TrainingConfig, load_config  # noqa: E402
+from dallekit.training.optim import create_optimizer  # noqa: E402
 from reference import reference_available, reference_sampler  # noqa: E402
 from timing import machine, median_seconds, synchronize  # noqa: E402
 

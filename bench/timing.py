@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from training.accelerator import cpu_supports_fast_bf16
+from dallekit.training.accelerator import cpu_supports_fast_bf16
 
 
 def cpu_name() -> str:

@@ -80,7 +80,7 @@ def _load_pipeline(model: str):
 
 
 def _check_builtin(dataset: str) -> None:
-    from textimage_data import BUILTIN_DATASETS
+    from dallekit.data import BUILTIN_DATASETS
 
     if dataset not in BUILTIN_DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; built-in datasets: {', '.join(sorted(BUILTIN_DATASETS))}")
@@ -90,7 +90,7 @@ def _train(args: argparse.Namespace) -> None:
     """Train both stages and the reranking scorer on any captioned data, evaluate, write samples.png,
     metrics.json and the pipeline (`dallekit demo` is this on a built-in dataset)."""
     from pipelines.train import train_pipeline
-    from training.config import ConfigError
+    from dallekit.training.config import ConfigError
 
     data = args.dataset if args.command == "demo" else args.data
     if args.command == "demo":
@@ -124,7 +124,7 @@ def _generate(args: argparse.Namespace) -> None:
     `--candidates` by the pipeline's scorer when given; print the scores when there is a scorer."""
     import torch
 
-    from training.images import save_image_grid
+    from dallekit.training.images import save_image_grid
 
     if args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UserError(f"--out {args.out} must end in .png, .jpg or .webp")
@@ -150,10 +150,10 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     """R-precision, CLIPScore, Fréchet distance and copy rates of a saved pipeline (adherence on labelled data) as JSON."""
-    from evaluation import evaluate_pipeline
+    from dallekit.evaluation import evaluate_pipeline
 
-    from textimage_data import BUILTIN_DATASETS
-    from textimage_data.sources import check_source_exists
+    from dallekit.data import BUILTIN_DATASETS
+    from dallekit.data.sources import check_source_exists
 
     if args.dataset not in BUILTIN_DATASETS:
         try:
@@ -171,10 +171,10 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from evaluation.classifier import LABELLED_DATASETS
-    from evaluation.reconstruction import evaluate_tokenizer, judge_reconstructions
+    from dallekit.evaluation.classifier import LABELLED_DATASETS
+    from dallekit.evaluation.reconstruction import evaluate_tokenizer, judge_reconstructions
     from stage1_dvae import DVAEModel
-    from textimage_data import DataConfig, TextImageCollator, load_text_image_dataset
+    from dallekit.data import DataConfig, TextImageCollator, load_text_image_dataset
 
     _check_model_location(args.model)
     location = Path(args.model) / (args.subfolder or "")

@@ -30,13 +30,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from pipelines.model_card import make_model_card, read_training_info
-from scorer import ScorerModel, TextImageScorer
+from dallekit.scorer import ScorerModel, TextImageScorer
 from stage1_dvae import DVAEModel
 from stage2_prior import PriorModel
 from stage2_prior.text_tokenizer import encode_captions
-from textimage_data import ImageTransform
-from training.accelerator import inference_dtype
-from training.images import to_uint8
+from dallekit.data import ImageTransform
+from dallekit.training.accelerator import inference_dtype
+from dallekit.training.images import to_uint8
 
 ModelT = TypeVar("ModelT", DVAEModel, PriorModel, ScorerModel)
 MODEL_INDEX = "model_index.json"
@@ -153,7 +153,7 @@ class TextToImagePipeline:
             raise ValueError(
                 f"the scorer reads {reads.image_size}px {reads.num_channels}-channel images but the pipeline makes "
                 f"{makes.image_size}px {makes.num_channels}-channel ones: train a scorer on these images "
-                f"(python -m scorer.train --config configs/scorer/<dataset>.yaml --data.image_size {makes.image_size})"
+                f"(python -m dallekit.scorer.train --config configs/scorer/<dataset>.yaml --data.image_size {makes.image_size})"
             )
         return scorer
 

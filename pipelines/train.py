@@ -29,26 +29,25 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from evaluation import EVALUATION_SEED, evaluate_pipeline, load_or_train_scorer
-from evaluation.reconstruction import judge_reconstructions
-from evaluation.classifier import LABELLED_DATASETS
+from dallekit.evaluation import EVALUATION_SEED, evaluate_pipeline, load_or_train_scorer
+from dallekit.evaluation.reconstruction import judge_reconstructions
+from dallekit.evaluation.classifier import LABELLED_DATASETS
 from pipelines.text_to_image import TextToImagePipeline
-from scorer import TextImageScorer
-from scorer.train import ScorerTrainConfig
-from scorer.train import train as train_scorer
+from dallekit.scorer import TextImageScorer
+from dallekit.scorer.train import ScorerTrainConfig
+from dallekit.scorer.train import train as train_scorer
 from stage1_dvae import DVAEModel
 from stage1_dvae.train import Stage1Config
 from stage1_dvae.train import train as train_stage1
 from stage2_prior import PriorModel
 from stage2_prior.train import Stage2Config
 from stage2_prior.train import train as train_stage2
-from textimage_data import BUILTIN_DATASETS, DataConfig, load_text_image_dataset
-from textimage_data.sources import check_source_exists
-from training.accelerator import continue_on_main_process_alone, reset_process_state
-from training.config import ConfigError, load_config
-from training.images import save_image_grid
+from dallekit.data import BUILTIN_DATASETS, DataConfig, load_text_image_dataset
+from dallekit.data.sources import check_source_exists
+from dallekit.training.accelerator import continue_on_main_process_alone, reset_process_state
+from dallekit.training.config import ConfigError, load_config, recipe_exists, recipe_path
+from dallekit.training.images import save_image_grid
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 STEPS = 5
 
 
@@ -62,9 +61,8 @@ class Recipe:
 
 
 RECIPES = {
-    32: Recipe(CONFIG_DIR / "dvae/demo.yaml", CONFIG_DIR / "prior/demo.yaml", CONFIG_DIR / "scorer/digits.yaml"),
-    64: Recipe(CONFIG_DIR / "dvae/emoji_vq_8x8.yaml", CONFIG_DIR / "prior/emoji_8x8.yaml",
-               CONFIG_DIR / "scorer/emoji.yaml"),
+    32: Recipe(Path("dvae/demo.yaml"), Path("prior/demo.yaml"), Path("scorer/digits.yaml")),
+    64: Recipe(Path("dvae/emoji_vq_8x8.yaml"), Path("prior/emoji_8x8.yaml"), Path("scorer/emoji.yaml")),
 }
 NATIVE_IMAGE_SIZE = {"digits": 32, "shapes": 32, "emoji": 64}  # built-ins; any other source defaults to 64
 
@@ -81,8 +79,10 @@ def recipe_for(data: str, image_size: int) -> Recipe:
             "pass --image-size with one of them, or --stage1-config, --stage2-config and --scorer-config"
         )
     recipe = RECIPES[image_size]
-    own_scorer = CONFIG_DIR / "scorer" / f"{data}.yaml"
-    return Recipe(recipe.stage1, recipe.stage2, own_scorer if own_scorer.is_file() else recipe.scorer)
+    own_scorer = Path("scorer") / f"{data}.yaml"
+    shipped = [recipe_path(recipe.stage1), recipe_path(recipe.stage2),
+               recipe_path(own_scorer if recipe_exists(own_scorer) else recipe.scorer)]
+    return Recipe(*(Path(str(path)) for path in shipped))
 
 
 def evaluate_languages(

@@ -12,7 +12,7 @@ from transformers.utils import ModelOutput
 from stage1_dvae.configuration_dvae import DVAEConfig
 from stage1_dvae.losses import decoder_output_channels, reconstruction_loss, to_pixels
 from stage1_dvae.quantizers import FiniteScalarQuantizer, GumbelQuantizer, VectorQuantizer
-from training.pretrained import StrictPreTrainedModel
+from dallekit.training.pretrained import StrictPreTrainedModel
 
 
 def group_norm(channels: int) -> nn.GroupNorm:

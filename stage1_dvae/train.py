@@ -27,20 +27,20 @@ from accelerate.logging import get_logger
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from evaluation.reconstruction import evaluate_tokenizer, psnr_from_mse
+from dallekit.evaluation.reconstruction import evaluate_tokenizer, psnr_from_mse
 from stage1_dvae.adversarial import AdversarialLoss, PatchDiscriminator
 from stage1_dvae.configuration_dvae import DVAEConfig
 from stage1_dvae.modeling_dvae import DVAEModel
-from textimage_data import DataConfig, TextImageCollator, load_text_image_dataset
-from training.accelerator import create_accelerator, finish_training
-from training.checkpointing import CheckpointManager, TrainState, resolve_checkpoint
-from training.config import PRIOR_ONLY_GRADIENT_CHECKPOINTING, TrainingConfig, run_from_command_line, to_dict
-from training.data import iterate_batches
-from training.images import save_image_grid
-from training.optim import create_lr_scheduler, create_optimizer
-from training.reporting import TrainingClock, flat_hparams, format_metrics
-from training.schedules import cosine_anneal, linear_warmup
-from training.selection import BEST_MODEL_DIR, BestModelSelector
+from dallekit.data import DataConfig, TextImageCollator, load_text_image_dataset
+from dallekit.training.accelerator import create_accelerator, finish_training
+from dallekit.training.checkpointing import CheckpointManager, TrainState, resolve_checkpoint
+from dallekit.training.config import PRIOR_ONLY_GRADIENT_CHECKPOINTING, TrainingConfig, run_from_command_line, to_dict
+from dallekit.training.data import iterate_batches
+from dallekit.training.images import save_image_grid
+from dallekit.training.optim import create_lr_scheduler, create_optimizer
+from dallekit.training.reporting import TrainingClock, flat_hparams, format_metrics
+from dallekit.training.schedules import cosine_anneal, linear_warmup
+from dallekit.training.selection import BEST_MODEL_DIR, BestModelSelector
 
 logger = get_logger(__name__)
 

@@ -53,8 +53,8 @@ from transformers.utils import ModelOutput
 
 from stage2_prior.configuration_prior import PriorConfig
 from stage2_prior.kv_decoding import FusedDecoder, KVCache
-from training.accelerator import inference_dtype
-from training.pretrained import StrictPreTrainedModel
+from dallekit.training.accelerator import inference_dtype
+from dallekit.training.pretrained import StrictPreTrainedModel
 
 logger = logging.getLogger(__name__)
 

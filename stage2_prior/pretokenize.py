@@ -29,7 +29,7 @@ import torch
 from datasets.fingerprint import Hasher
 
 from stage1_dvae import DVAEModel
-from textimage_data import AugmentationConfig, ImageTransform, decode_image, random_shift_and_scale
+from dallekit.data import AugmentationConfig, ImageTransform, decode_image, random_shift_and_scale
 
 logger = logging.getLogger(__name__)
 

@@ -30,15 +30,15 @@ from stage2_prior.configuration_prior import PriorConfig
 from stage2_prior.modeling_prior import PriorModel
 from stage2_prior.pretokenize import pretokenize
 from stage2_prior.text_tokenizer import encode_captions, train_text_tokenizer
-from textimage_data import AugmentationConfig, DataConfig, load_text_image_dataset, training_captions
-from training.accelerator import create_accelerator, finish_training
-from training.checkpointing import CheckpointManager, TrainState, resolve_checkpoint
-from training.config import ConfigError, TrainingConfig, run_from_command_line, to_dict
-from training.data import iterate_batches
-from training.images import save_image_grid
-from training.optim import create_lr_scheduler, create_optimizer
-from training.reporting import flat_hparams, format_metrics
-from training.selection import BEST_MODEL_DIR, BestModelSelector
+from dallekit.data import AugmentationConfig, DataConfig, load_text_image_dataset, training_captions
+from dallekit.training.accelerator import create_accelerator, finish_training
+from dallekit.training.checkpointing import CheckpointManager, TrainState, resolve_checkpoint
+from dallekit.training.config import ConfigError, TrainingConfig, run_from_command_line, to_dict
+from dallekit.training.data import iterate_batches
+from dallekit.training.images import save_image_grid
+from dallekit.training.optim import create_lr_scheduler, create_optimizer
+from dallekit.training.reporting import flat_hparams, format_metrics
+from dallekit.training.selection import BEST_MODEL_DIR, BestModelSelector
 
 logger = get_logger(__name__)
 

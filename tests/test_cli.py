@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from evaluation import EVALUATION_SEED
+from dallekit.evaluation import EVALUATION_SEED
 
 ROOT = Path(__file__).resolve().parents[1]
 DALLEKIT = shutil.which("dallekit")
@@ -115,7 +115,7 @@ def test_generate_candidates_without_a_scorer_is_one_line(tmp_path: Path) -> Non
 
 def captioned_folder(root: Path, num_images: int = 60, broken: int = 3, image_size: int = 24) -> Path:
     """A user's image folder: coloured shapes as PNGs with their captions in `metadata.jsonl`, and a few broken files."""
-    from textimage_data import make_shapes
+    from dallekit.data import make_shapes
 
     root.mkdir(parents=True)
     rows = []

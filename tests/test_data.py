@@ -1,4 +1,4 @@
-"""Tests for textimage_data: built-in datasets, folder and parquet sources, transforms, collator."""
+"""Tests for dallekit.data: built-in datasets, folder and parquet sources, transforms, collator."""
 
 import io
 import json
@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 import torch
 
-from textimage_data import (
+from dallekit.data import (
     AugmentationConfig,
     DataConfig,
     ImageTransform,
@@ -27,8 +27,8 @@ from textimage_data import (
     shift_and_scale,
     to_rgb,
 )
-from textimage_data.digits import DIGIT_NAMES
-from textimage_data.shapes import COLOURS, POSITIONS, SHAPES
+from dallekit.data.digits import DIGIT_NAMES
+from dallekit.data.shapes import COLOURS, POSITIONS, SHAPES
 
 WHITE, BLACK, RED, GREEN, BLUE = (255, 255, 255), (0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255)
 GREY = (128, 128, 128)
@@ -192,7 +192,7 @@ def test_image_folder_loads_and_collates_skipping_corrupt_files(tmp_path, metada
     assert splits["train"].column_names == ["image", "text"]
     examples = list(splits["train"]) + list(splits["validation"])
 
-    with caplog.at_level(logging.WARNING, logger="textimage_data"):
+    with caplog.at_level(logging.WARNING, logger="dallekit.data"):
         batch = TextImageCollator(image_size=8)(examples)
     assert batch["num_skipped"] == len(BAD_FILES)
     assert sorted(batch["text"]) == sorted(f"caption of {name}" for name in GOOD_FILES)
@@ -432,7 +432,7 @@ def test_decode_image_returns_none_for_unreadable_input(tmp_path, caplog):
     truncated = tmp_path / "truncated.png"
     full = png_bytes(random_image(np.random.default_rng(0), 64, 64))
     truncated.write_bytes(full[: len(full) // 2])  # header intact, pixel data cut
-    with caplog.at_level(logging.WARNING, logger="textimage_data"):
+    with caplog.at_level(logging.WARNING, logger="dallekit.data"):
         assert decode_image(truncated) is None
         assert decode_image(PIL.Image.open(truncated)) is None  # lazily opened: load() must fail
         assert decode_image(tmp_path / "missing.png") is None

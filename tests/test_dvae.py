@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from evaluation.reconstruction import psnr_from_mse
+from dallekit.evaluation.reconstruction import psnr_from_mse
 from stage1_dvae import DVAEConfig, DVAEModel
 from stage1_dvae.quantizers import FiniteScalarQuantizer
 from stage1_dvae.quantizers.base import marginal_kl_to_uniform

@@ -21,9 +21,9 @@ import pytest
 from stage1_dvae import DVAEModel
 from stage2_prior.pretokenize import pretokenize
 from tests.conftest import tiny_dvae_config
-from textimage_data import AugmentationConfig, DataConfig, load_text_image_dataset, training_captions
-from textimage_data.config import CAPTION_LANGUAGES
-from textimage_data.emoji import (
+from dallekit.data import AugmentationConfig, DataConfig, load_text_image_dataset, training_captions
+from dallekit.data.config import CAPTION_LANGUAGES
+from dallekit.data.emoji import (
     EMOJI_ATTRIBUTION,
     EMOJI_LICENSE,
     emoji_characters,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import evaluation.classifier
-from evaluation import (
+import dallekit.evaluation.classifier
+from dallekit.evaluation import (
     ClassifierConfig,
     ImageClassifier,
     evaluate_pipeline,
@@ -22,17 +22,17 @@ from evaluation import (
     prompt_adherence,
     train_classifier,
 )
-from evaluation.reconstruction import judge_reconstructions
+from dallekit.evaluation.reconstruction import judge_reconstructions
 from pipelines import TextToImagePipeline
 from pipelines.text_to_image import TextToImageOutput
-from scorer import TextImageScorer
-from scorer.train import ScorerTrainConfig
+from dallekit.scorer import TextImageScorer
+from dallekit.scorer.train import ScorerTrainConfig
 from stage1_dvae import DVAEModel
 from stage2_prior import PriorConfig, PriorModel
 from stage2_prior.text_tokenizer import train_text_tokenizer
 from tests.conftest import tiny_dvae_config
-from textimage_data import DataConfig, TextImageCollator, load_text_image_dataset
-from training.config import load_config
+from dallekit.data import DataConfig, TextImageCollator, load_text_image_dataset
+from dallekit.training.config import load_config
 
 QUICK = ClassifierConfig(steps=60)  # ~1 s on real 16x16 digits
 

@@ -14,8 +14,8 @@ from stage1_dvae import DVAEConfig, DVAEModel
 from stage1_dvae.train import Stage1Config
 from stage2_prior import PriorConfig, PriorModel
 from stage2_prior.train import Stage2Config
-from training.config import TrainingConfig, load_config
-from training.optim import create_optimizer
+from dallekit.training.config import TrainingConfig, load_config
+from dallekit.training.optim import create_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

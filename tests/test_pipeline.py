@@ -17,13 +17,13 @@ from transformers import PreTrainedTokenizerFast
 
 from pipelines import TextToImagePipeline
 from pipelines.text_to_image import PipelineLoadError
-from scorer import ScorerConfig, ScorerModel, TextImageScorer
+from dallekit.scorer import ScorerConfig, ScorerModel, TextImageScorer
 from stage1_dvae import DVAEModel
 from stage2_prior import PriorConfig, PriorModel
 from stage2_prior.text_tokenizer import train_text_tokenizer
 from tests.conftest import tiny_dvae_config
-from textimage_data import DataConfig, load_text_image_dataset
-from training.accelerator import inference_dtype
+from dallekit.data import DataConfig, load_text_image_dataset
+from dallekit.training.accelerator import inference_dtype
 
 
 def tiny_scorer(tokenizer: PreTrainedTokenizerFast, image_size: int = 16, seed: int = 1) -> TextImageScorer:

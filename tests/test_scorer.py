@@ -11,18 +11,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-import evaluation.scorer_metrics
-from evaluation import ImageClassifier, evaluate_pipeline, load_or_train_scorer, r_precision
+import dallekit.evaluation.scorer_metrics
+from dallekit.evaluation import ImageClassifier, evaluate_pipeline, load_or_train_scorer, r_precision
 from pipelines import TextToImagePipeline
-from scorer import ScorerConfig, ScorerModel, TextImageScorer, retrieval_accuracy, top_k_hits, unique_captions
-from scorer.train import ScorerTrainConfig, train
-from textimage_data import decode_pairs
+from dallekit.scorer import ScorerConfig, ScorerModel, TextImageScorer, retrieval_accuracy, top_k_hits, unique_captions
+from dallekit.scorer.train import ScorerTrainConfig, train
+from dallekit.data import decode_pairs
 from stage2_prior.text_tokenizer import train_text_tokenizer
 from tests.test_evaluation import cache_dir, digits_classifier, pipe  # noqa: F401 (fixtures: a quick classifier,
 #                                                                         a tiny untrained 16px pipeline)
-from textimage_data import DataConfig, load_text_image_dataset
-from training.checkpointing import list_checkpoints
-from training.config import ConfigError, load_config
+from dallekit.data import DataConfig, load_text_image_dataset
+from dallekit.training.checkpointing import list_checkpoints
+from dallekit.training.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "scorer" / "tiny.yaml")
@@ -236,8 +236,8 @@ def test_evaluate_pipeline_reports_scorer_metrics_with_and_without_labels(
 
 def test_the_evaluation_scorer_recipe_fits_smaller_images() -> None:
     """The emoji recipe (four levels, made for 64px) keeps the levels that 16px images allow and builds there."""
-    from evaluation.scorer_metrics import levels_for_image_size
-    from scorer import ScorerConfig
+    from dallekit.evaluation.scorer_metrics import levels_for_image_size
+    from dallekit.scorer import ScorerConfig
 
     recipe = ScorerConfig(image_size=64, image_channels=[16, 32, 64, 64])
     assert levels_for_image_size(recipe, 64).image_channels == [16, 32, 64, 64]

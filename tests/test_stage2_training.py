@@ -19,9 +19,9 @@ from stage2_prior import PriorModel
 from stage2_prior.pretokenize import pretokenize
 from stage2_prior.train import Stage2Config, train
 from tests.conftest import cpu_processes_env
-from textimage_data import AugmentationConfig, DataConfig, TextImageCollator, load_text_image_dataset
-from training.checkpointing import list_checkpoints
-from training.config import ConfigError, load_config
+from dallekit.data import AugmentationConfig, DataConfig, TextImageCollator, load_text_image_dataset
+from dallekit.training.checkpointing import list_checkpoints
+from dallekit.training.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_PRIOR = str(ROOT / "configs" / "prior" / "tiny.yaml")

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from stage2_prior.text_tokenizer import EMPTY_CAPTION, decode_captions, encode_captions, train_text_tokenizer
-from textimage_data import DataConfig, load_text_image_dataset
+from dallekit.data import DataConfig, load_text_image_dataset
 
 VOCAB_SIZE, TEXT_LEN = 300, 16
 PAD, BOS, EOS = 0, 1, 2

@@ -17,13 +17,13 @@ from torch.utils.data import DataLoader
 from stage1_dvae import DVAEModel
 from stage1_dvae.train import Stage1Config, train
 from tests.conftest import cpu_processes_env, tiny_dvae_config
-from training.accelerator import refuse_unsupported_strategy
-from training.checkpointing import TrainState, list_checkpoints, resolve_checkpoint
-from training.config import ConfigError, TrainingConfig, load_config
-from training.data import iterate_batches
-from training.images import image_grid
-from training.schedules import cosine_anneal, linear_warmup
-from training.selection import BestModelSelector
+from dallekit.training.accelerator import refuse_unsupported_strategy
+from dallekit.training.checkpointing import TrainState, list_checkpoints, resolve_checkpoint
+from dallekit.training.config import ConfigError, TrainingConfig, load_config
+from dallekit.training.data import iterate_batches
+from dallekit.training.images import image_grid
+from dallekit.training.schedules import cosine_anneal, linear_warmup
+from dallekit.training.selection import BestModelSelector
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "dvae" / "tiny.yaml")
@@ -369,7 +369,7 @@ def test_adversarial_training_runs_and_checkpoints_the_discriminator(tmp_path: P
 
 
 def test_help_lists_every_key_with_its_default(capsys) -> None:
-    from training.config import run_from_command_line
+    from dallekit.training.config import run_from_command_line
 
     run_from_command_line(Stage1Config, train, ["--help"])
     usage = capsys.readouterr().out

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from scorer.modeling_scorer import ScorerModel
+from dallekit.scorer.modeling_scorer import ScorerModel
 from stage2_prior.text_tokenizer import encode_captions
 
 
@@ -87,7 +87,7 @@ class TextImageScorer:
         if Path(path).is_dir() and not (Path(path) / "tokenizer.json").is_file():
             raise FileNotFoundError(
                 f"{path} has no tokenizer.json: it is not a complete scorer directory "
-                f"(save one with `TextImageScorer.save_pretrained(dir)`, or train one with `python -m scorer.train`)"
+                f"(save one with `TextImageScorer.save_pretrained(dir)`, or train one with `python -m dallekit.scorer.train`)"
             )
         return cls(ScorerModel.from_pretrained(path, **kwargs), PreTrainedTokenizerFast.from_pretrained(path))
 

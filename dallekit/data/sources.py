@@ -27,7 +27,7 @@ BUILTIN_DATASETS: dict[str, Callable[[DataConfig], datasets.DatasetDict]] = {
 
 
 def _make_emoji_dataset(image_size: int, languages: list[str]) -> datasets.DatasetDict:
-    from .emoji import make_emoji_dataset  # imported on use: `python -m textimage_data.emoji` runs it as __main__
+    from .emoji import make_emoji_dataset  # imported on use: `python -m dallekit.data.emoji` runs it as __main__
 
     return make_emoji_dataset(image_size, languages)
 

@@ -1,6 +1,6 @@
 """Train the contrastive text–image scorer on a dataset's training pairs.
 
-    accelerate launch -m scorer.train --config configs/scorer/digits.yaml [--key value ...]
+    accelerate launch -m dallekit.scorer.train --config configs/scorer/digits.yaml [--key value ...]
 
 Trains a BPE caption tokenizer on the training captions, decodes every image once, then trains a
 `ScorerModel` with the symmetric InfoNCE loss on the training split's (image, caption) pairs,
@@ -26,25 +26,25 @@ from accelerate.logging import get_logger
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from scorer.configuration_scorer import ScorerConfig
-from scorer.modeling_scorer import ScorerModel
-from scorer.scoring import TextImageScorer, retrieval_accuracy, unique_captions
+from dallekit.scorer.configuration_scorer import ScorerConfig
+from dallekit.scorer.modeling_scorer import ScorerModel
+from dallekit.scorer.scoring import TextImageScorer, retrieval_accuracy, unique_captions
 from stage2_prior.text_tokenizer import encode_captions, train_text_tokenizer
-from textimage_data import DataConfig, decode_pairs, load_text_image_dataset, training_captions
-from textimage_data.transforms import random_shift
-from training.accelerator import create_accelerator, finish_training
-from training.checkpointing import CheckpointManager, TrainState, resolve_checkpoint
-from training.config import (
+from dallekit.data import DataConfig, decode_pairs, load_text_image_dataset, training_captions
+from dallekit.data.transforms import random_shift
+from dallekit.training.accelerator import create_accelerator, finish_training
+from dallekit.training.checkpointing import CheckpointManager, TrainState, resolve_checkpoint
+from dallekit.training.config import (
     PRIOR_ONLY_GRADIENT_CHECKPOINTING,
     ConfigError,
     TrainingConfig,
     run_from_command_line,
     to_dict,
 )
-from training.data import iterate_batches
-from training.optim import create_lr_scheduler, create_optimizer
-from training.reporting import flat_hparams, format_metrics
-from training.selection import BEST_MODEL_DIR, BestModelSelector
+from dallekit.training.data import iterate_batches
+from dallekit.training.optim import create_lr_scheduler, create_optimizer
+from dallekit.training.reporting import flat_hparams, format_metrics
+from dallekit.training.selection import BEST_MODEL_DIR, BestModelSelector
 
 logger = get_logger(__name__)
 

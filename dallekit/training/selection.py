@@ -20,8 +20,8 @@ from accelerate.utils import broadcast
 from safetensors.torch import load_model
 from transformers import PreTrainedModel
 
-from training.checkpointing import TrainState, write_directory
-from training.config import TrainingConfig
+from dallekit.training.checkpointing import TrainState, write_directory
+from dallekit.training.config import TrainingConfig
 
 logger = get_logger(__name__)
 

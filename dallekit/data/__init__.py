@@ -1,6 +1,6 @@
 """Captioned-image data shared by both stages: built-in datasets, local/Hub loading, transforms.
 
-The `emoji` dataset and its licence constants live in `textimage_data.emoji` (imported on use).
+The `emoji` dataset and its licence constants live in `dallekit.data.emoji` (imported on use).
 """
 
 from .config import AugmentationConfig, DataConfig

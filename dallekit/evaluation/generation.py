@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from evaluation.classifier import ImageClassifier, class_columns, classify, load_or_train_classifier
-from evaluation.metrics import exact_copy_rate, frechet_distance, near_copy_rate, prompt_adherence
-from evaluation.scorer_metrics import judge_images, load_or_train_scorer
-from scorer import TextImageScorer
-from textimage_data import DataConfig, decode_pairs, load_text_image_dataset
+from dallekit.evaluation.classifier import ImageClassifier, class_columns, classify, load_or_train_classifier
+from dallekit.evaluation.metrics import exact_copy_rate, frechet_distance, near_copy_rate, prompt_adherence
+from dallekit.evaluation.scorer_metrics import judge_images, load_or_train_scorer
+from dallekit.scorer import TextImageScorer
+from dallekit.data import DataConfig, decode_pairs, load_text_image_dataset
 
 if TYPE_CHECKING:
     from pipelines import TextToImagePipeline

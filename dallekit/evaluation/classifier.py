@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from evaluation.metrics import prompt_adherence
-from textimage_data import DataConfig, TextImageCollator, load_text_image_dataset
-from textimage_data.transforms import random_shift
+from dallekit.evaluation.metrics import prompt_adherence
+from dallekit.data import DataConfig, TextImageCollator, load_text_image_dataset
+from dallekit.data.transforms import random_shift
 
 logger = logging.getLogger(__name__)
 

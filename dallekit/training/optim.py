@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
-from training.config import TrainingConfig
+from dallekit.training.config import TrainingConfig
 
 
 def create_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.AdamW:

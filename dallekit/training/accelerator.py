@@ -19,7 +19,7 @@ from accelerate.utils import (
     set_seed,
 )
 
-from training.config import ConfigError, TrainingConfig
+from dallekit.training.config import ConfigError, TrainingConfig
 
 logger = logging.getLogger(__name__)
 

@@ -404,8 +404,8 @@ def export_emoji_folder(directory: str | Path, image_size: int = 64, languages: 
     info = splits["train"].info
     (directory / "README.md").write_text(
         f"---\nlicense: cc-by-sa-4.0\n---\n\n# OpenMoji emoji with CLDR captions\n\n{info.description}\n\n"
-        f"Written by `python -m textimage_data.emoji export` (dallekit); the split is described in "
-        f"`textimage_data/emoji.py`.\n\n```bibtex\n{info.citation}\n```\n",
+        f"Written by `python -m dallekit.data.emoji export` (dallekit); the split is described in "
+        f"`dallekit/data/emoji.py`.\n\n```bibtex\n{info.citation}\n```\n",
         encoding="utf-8",
     )
     for name, split in splits.items():
@@ -423,8 +423,8 @@ def export_emoji_folder(directory: str | Path, image_size: int = 64, languages: 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m textimage_data.emoji export DIR [--image-size 64] [--languages en es]`."""
-    parser = argparse.ArgumentParser(prog="python -m textimage_data.emoji", description=__doc__.splitlines()[0])
+    """`python -m dallekit.data.emoji export DIR [--image-size 64] [--languages en es]`."""
+    parser = argparse.ArgumentParser(prog="python -m dallekit.data.emoji", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="write the dataset as an image folder with metadata.jsonl")
     export.add_argument("directory")

@@ -9,14 +9,14 @@ from typing import Any
 
 import torch
 
-from evaluation.classifier import (
+from dallekit.evaluation.classifier import (
     ClassifierConfig,
     classify,
     decode_split,
     load_labelled_splits,
     load_or_train_classifier,
 )
-from evaluation.metrics import frechet_distance
+from dallekit.evaluation.metrics import frechet_distance
 
 
 def mse(reconstruction: torch.Tensor, target: torch.Tensor) -> float:

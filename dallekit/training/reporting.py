@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from training.config import to_dict
+from dallekit.training.config import to_dict
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -2,9 +2,9 @@
 
 from transformers import AutoConfig, AutoModel
 
-from scorer.configuration_scorer import ScorerConfig
-from scorer.modeling_scorer import ScorerModel, ScorerOutput
-from scorer.scoring import TextImageScorer, retrieval_accuracy, top_k_hits, unique_captions
+from dallekit.scorer.configuration_scorer import ScorerConfig
+from dallekit.scorer.modeling_scorer import ScorerModel, ScorerOutput
+from dallekit.scorer.scoring import TextImageScorer, retrieval_accuracy, top_k_hits, unique_captions
 
 AutoConfig.register(ScorerConfig.model_type, ScorerConfig)
 AutoModel.register(ScorerConfig, ScorerModel)

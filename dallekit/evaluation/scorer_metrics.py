@@ -35,19 +35,18 @@ import numpy as np
 import torch
 from accelerate.state import AcceleratorState, GradientState, is_initialized
 
-from evaluation.classifier import default_cache_dir
-from scorer import ScorerConfig, TextImageScorer, top_k_hits, unique_captions
-from scorer.train import ScorerTrainConfig, train
-from textimage_data import DataConfig, load_text_image_dataset
-from training.checkpointing import write_directory
-from training.config import load_config, to_dict
+from dallekit.evaluation.classifier import default_cache_dir
+from dallekit.scorer import ScorerConfig, TextImageScorer, top_k_hits, unique_captions
+from dallekit.scorer.train import ScorerTrainConfig, train
+from dallekit.data import DataConfig, load_text_image_dataset
+from dallekit.training.checkpointing import write_directory
+from dallekit.training.config import load_config, recipe_exists, recipe_path, to_dict
 
 logger = logging.getLogger(__name__)
 
 EVALUATION_SEED = 1234  # the evaluation scorer's seed; a reranking scorer trains with its config's (0 by default)
 NUM_DISTRACTORS = 99  # R-precision ranks the prompt among itself and 99 other captions
 CLIP_SCORE_WEIGHT = 2.5
-SCORER_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "scorer"
 CACHE_FORMAT = 1  # part of the cache key: bump when the scorer's architecture or training loop changes
 
 
@@ -166,8 +165,9 @@ def load_or_train_scorer(
     data = dataset if isinstance(dataset, DataConfig) else DataConfig(source=dataset)
     dataset = data.source
     if config is None:
-        recipe = SCORER_CONFIG_DIR / f"{dataset}.yaml"
-        config = load_config(ScorerTrainConfig, ["--config", str(recipe)]) if recipe.is_file() else ScorerTrainConfig()
+        recipe = f"scorer/{dataset}.yaml"
+        config = load_config(ScorerTrainConfig, ["--config", str(recipe_path(recipe))]) if recipe_exists(recipe) \
+            else ScorerTrainConfig()
     config = copy.deepcopy(config)
     run = config.training
     mixed_precision = AcceleratorState().mixed_precision if is_initialized() else run.mixed_precision

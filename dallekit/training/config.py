@@ -21,6 +21,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 from accelerate.state import PartialState
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 
 T = TypeVar("T")
 
@@ -194,16 +196,53 @@ def _set_path(tree: dict[str, Any], path: str, value: Any) -> None:
     tree[leaf] = value
 
 
+def recipe_path(name: str | Path) -> Traversable:
+    """The shipped recipe `name` ("dvae/demo.yaml", or "configs/dvae/demo.yaml"), from the installed package data.
+
+    Raises `ConfigError` naming the recipes that exist when there is no such recipe: never a fallback.
+    """
+    relative = Path(name).as_posix().removeprefix("configs/")
+    recipe = files("dallekit.configs").joinpath(*relative.split("/"))
+    if not recipe_exists(name):
+        folder = files("dallekit.configs").joinpath(relative.split("/")[0])
+        shipped = sorted(f"{folder.name}/{item.name}" for item in folder.iterdir() if item.name.endswith(".yaml")) \
+            if folder.is_dir() else []
+        raise ConfigError(
+            f"there is no recipe {name!r}" + (f"; the shipped {folder.name} recipes are: {', '.join(shipped)}" if shipped
+                                               else "; the recipe folders are dvae/, prior/, scorer/ and accelerate/")
+        )
+    return recipe
+
+
+def recipe_exists(name: str | Path) -> bool:
+    """Whether dallekit ships the recipe `name` ("scorer/emoji.yaml")."""
+    relative = Path(name).as_posix().removeprefix("configs/")
+    return files("dallekit.configs").joinpath(*relative.split("/")).is_file()
+
+
+def read_config_file(config_path: str | Path) -> Traversable | Path:
+    """A config file: the path when it exists, else the shipped recipe of that name (`configs/dvae/demo.yaml`)."""
+    path = Path(config_path)
+    if path.is_file():
+        return path
+    if path.suffix in (".yaml", ".yml") and not path.is_absolute():
+        try:
+            return recipe_path(path)
+        except ConfigError:
+            pass
+    raise ConfigError(
+        f"config file {str(config_path)!r} does not exist; pass --config with a YAML file, or a shipped recipe "
+        "such as configs/dvae/demo.yaml"
+    )
+
+
 def load_config(cls: type[T], args: list[str] | None = None) -> T:
     """Load `cls` from `--config FILE.yaml` (optional) and `--key value` overrides in `args`."""
     overrides = parse_overrides(list(args or []))
     tree: dict[str, Any] = {}
     config_path = overrides.pop("config", None)
     if config_path is not None:
-        path = Path(config_path)
-        if not path.is_file():
-            raise ConfigError(f"config file {config_path!r} does not exist; pass --config configs/<stage>/<name>.yaml")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.safe_load(read_config_file(config_path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {config_path!r} must hold a mapping of keys to values")
         tree = loaded
