@@ -29,7 +29,10 @@ from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dallekit.data import load_text_image_dataset  # noqa: E402
 from dallekit.evaluation import evaluate_pipeline, load_or_train_classifier  # noqa: E402
+from dallekit.training.checkpointing import list_checkpoints  # noqa: E402
+from dallekit.training.config import load_config  # noqa: E402
 from pipelines import TextToImagePipeline  # noqa: E402
 from pipelines.train import RECIPES  # noqa: E402
 from stage1_dvae import DVAEModel  # noqa: E402
@@ -38,9 +41,6 @@ from stage1_dvae.train import train as train_stage1  # noqa: E402
 from stage2_prior import PriorConfig, PriorModel  # noqa: E402
 from stage2_prior.train import Stage2Config, build_datasets, validation_loss  # noqa: E402
 from stage2_prior.train import train as train_stage2  # noqa: E402
-from dallekit.data import load_text_image_dataset  # noqa: E402
-from dallekit.training.checkpointing import list_checkpoints  # noqa: E402
-from dallekit.training.config import load_config  # noqa: E402
 
 NO_DROPOUT = ["--attention_dropout", "0", "--residual_dropout", "0", "--embedding_dropout", "0"]
 VARIANTS = {

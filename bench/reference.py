@@ -46,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from demo import demo_pipeline, reference_sizes  # noqa: E402
 from timing import cpu_name, median_seconds  # noqa: E402
 
 VERSION = "1.6.6"
@@ -192,8 +193,6 @@ def main() -> None:
     if reason is not None:
         sys.exit(reason)
     torch.set_num_threads(args.threads)
-    from stage2 import demo_pipeline, reference_sizes  # here: bench/stage2.py imports this module
-
     sizes = reference_sizes(demo_pipeline(torch.device("cpu")))
     print(f"dalle-pytorch {VERSION}, fp32, CPU {cpu_name()!r}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}")

@@ -25,9 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import cpu_name  # noqa: E402
+
 from dallekit.evaluation import evaluate_pipeline  # noqa: E402
 from pipelines import TextToImagePipeline  # noqa: E402
-from timing import cpu_name  # noqa: E402
+from pipelines.judges import load_or_train_judge  # noqa: E402
 
 TARGET_ADHERENCE = 0.97
 JUDGED = ("adherence", "frechet_distance", "r_precision", "clip_score", "scorer_frechet_distance", "exact_copy_rate")
@@ -69,9 +71,10 @@ def main() -> None:
                "torch_threads": torch.get_num_threads(), "device": str(device), "seed": args.seed}
     if device.type == "cuda":
         context["gpu"] = torch.cuda.get_device_name(device)
+    judge = load_or_train_judge(args.dataset, pipe.vqvae.config.image_size)
     rows = []
     for num_candidates in args.candidates:
-        metrics = evaluate_pipeline(pipe, dataset=args.dataset, guidance_scales=tuple(args.guidance_scales),
+        metrics = evaluate_pipeline(pipe, scorer=judge, dataset=args.dataset, guidance_scales=tuple(args.guidance_scales),
                                     seed=args.seed, max_prompts=args.max_prompts, num_candidates=num_candidates,
                                     progress=False)
         if not rows:

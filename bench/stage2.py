@@ -43,18 +43,17 @@ from torch._dynamo.utils import counters
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines import TextToImagePipeline  # noqa: E402
-from stage1_dvae import DVAEModel  # noqa: E402
-from stage1_dvae.train import Stage1Config  # noqa: E402
-from stage2_prior import PriorConfig, PriorModel  # noqa: E402
-from stage2_prior.text_tokenizer import encode_captions, train_text_tokenizer  # noqa: E402
-from stage2_prior.train import Stage2Config  # noqa: E402
+from demo import demo_pipeline, reference_sizes  # noqa: E402
+from reference import reference_available, reference_sampler  # noqa: E402
+from timing import machine, median_seconds, synchronize  # noqa: E402
+
 from dallekit.data import DataConfig, load_text_image_dataset  # noqa: E402
+from dallekit.text_tokenizer import encode_captions  # noqa: E402
 from dallekit.training.accelerator import resolve_mixed_precision  # noqa: E402
 from dallekit.training.config import TrainingConfig, load_config  # noqa: E402
 from dallekit.training.optim import create_optimizer  # noqa: E402
-from reference import reference_available, reference_sampler  # noqa: E402
-from timing import machine, median_seconds, synchronize  # noqa: E402
+from stage2_prior import PriorConfig, PriorModel  # noqa: E402
+from stage2_prior.train import Stage2Config  # noqa: E402
 
 
 def memory_figures(device: torch.device) -> dict:
@@ -148,27 +147,6 @@ def bench_sampling(config: PriorConfig, batch_size: int, device: torch.device) -
         "cache_speedup": round(uncached / cached, 2), "guidance_cost": round(guided / cached, 2),
         **memory_figures(device),
     }
-
-
-def demo_pipeline(device: torch.device) -> TextToImagePipeline:
-    """The demo's VQ-VAE, caption BPE and prior at their trained shapes, with random weights (the same cost)."""
-    torch.manual_seed(0)
-    vqvae = DVAEModel(load_config(Stage1Config, ["--config", str(ROOT / "configs" / "dvae" / "demo.yaml")]).model)
-    run = load_config(Stage2Config, ["--config", str(ROOT / "configs" / "prior" / "demo.yaml")])
-    captions = load_text_image_dataset(run.data)["train"]["text"]
-    tokenizer = train_text_tokenizer(captions, run.model.text_vocab_size, run.model.text_len)
-    config = run.model
-    config.image_vocab_size, config.image_grid_size = vqvae.config.codebook_size, vqvae.config.latent_size
-    return TextToImagePipeline(vqvae=vqvae, prior=PriorModel(config), tokenizer=tokenizer).to(device)
-
-
-def reference_sizes(pipe: TextToImagePipeline) -> dict:
-    """The demo pipeline's shapes, as `bench/reference.py`'s sampler takes them."""
-    config = pipe.prior.config
-    return dict(text_vocab_size=config.text_vocab_size, text_len=config.text_len,
-                image_vocab_size=config.image_vocab_size, grid=config.image_grid_size,
-                image_size=pipe.vqvae.config.image_size, depth=config.num_hidden_layers, dim=config.hidden_size,
-                heads=config.num_attention_heads, dim_head=config.hidden_size // config.num_attention_heads)
 
 
 def warm_up_auto_compile(draw: Callable[[], object]) -> dict:

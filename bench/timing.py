@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from dallekit.training.accelerator import cpu_supports_fast_bf16
+from dallekit.modeling_utils import cpu_supports_fast_bf16
 
 
 def cpu_name() -> str:

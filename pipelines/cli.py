@@ -89,15 +89,12 @@ def _check_builtin(dataset: str) -> None:
 def _train(args: argparse.Namespace) -> None:
     """Train both stages and the reranking scorer on any captioned data, evaluate, write samples.png,
     metrics.json and the pipeline (`dallekit demo` is this on a built-in dataset)."""
-    from pipelines.train import train_pipeline
     from dallekit.training.config import ConfigError
+    from pipelines.train import train_pipeline
 
     data = args.dataset if args.command == "demo" else args.data
     if args.command == "demo":
         _check_builtin(data)
-    for path in (args.stage1_config, args.stage2_config, args.scorer_config):
-        if path is not None and not Path(path).is_file():
-            raise UserError(f"config {path} not found: run dallekit from a source checkout (pip install -e .)")
     overrides = ["--data.caption_languages", f"[{', '.join(args.caption_languages)}]"] if args.caption_languages else []
     try:
         metrics = train_pipeline(data, args.output_dir, args.image_size, args.stage1_config, args.stage2_config,
@@ -150,10 +147,10 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     """R-precision, CLIPScore, Fréchet distance and copy rates of a saved pipeline (adherence on labelled data) as JSON."""
-    from dallekit.evaluation import evaluate_pipeline
-
     from dallekit.data import BUILTIN_DATASETS
     from dallekit.data.sources import check_source_exists
+    from dallekit.evaluation import evaluate_pipeline
+    from pipelines.judges import load_or_train_judge
 
     if args.dataset not in BUILTIN_DATASETS:
         try:
@@ -161,8 +158,9 @@ def _evaluate(args: argparse.Namespace) -> None:
         except FileNotFoundError as error:
             raise UserError(str(error)) from None
     pipe = _load_pipeline(args.model)
+    judge = load_or_train_judge(args.dataset, pipe.vqvae.config.image_size)
     metrics = evaluate_pipeline(pipe, dataset=args.dataset, guidance_scales=tuple(args.guidance_scales),
-                                seed=args.seed, max_prompts=args.max_prompts)
+                                seed=args.seed, max_prompts=args.max_prompts, scorer=judge)
     print(json.dumps({"model": args.model, **metrics}, indent=2))
 
 
@@ -171,10 +169,11 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from dallekit.evaluation.classifier import LABELLED_DATASETS
-    from dallekit.evaluation.reconstruction import evaluate_tokenizer, judge_reconstructions
-    from stage1_dvae import DVAEModel
     from dallekit.data import DataConfig, TextImageCollator, load_text_image_dataset
+    from dallekit.evaluation.classifier import LABELLED_DATASETS
+    from dallekit.evaluation.reconstruction import judge_reconstructions
+    from stage1_dvae import DVAEModel
+    from stage1_dvae.metrics import reconstruction_metrics
 
     _check_model_location(args.model)
     location = Path(args.model) / (args.subfolder or "")
@@ -191,7 +190,7 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> None:
         raise UserError(str(error).splitlines()[0]) from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loader = DataLoader(splits["validation"], batch_size=args.batch_size, collate_fn=TextImageCollator(data_config.image_size))
-    metrics = evaluate_tokenizer(model.to(device), (batch["pixel_values"] for batch in loader))
+    metrics = reconstruction_metrics(model.to(device), (batch["pixel_values"] for batch in loader))
     if args.dataset in LABELLED_DATASETS:  # an independent classifier can judge the reconstructions
         metrics |= judge_reconstructions(model, args.dataset, args.batch_size)
     print(json.dumps({"model": str(args.model), "dataset": args.dataset, **metrics}, indent=2))
@@ -297,6 +296,10 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:
         print(f"dallekit {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        distributed = sys.modules.get("torch.distributed")  # torch is imported by the commands that need it
+        if distributed is not None and distributed.is_initialized():  # under `accelerate launch`: the trainings
+            distributed.destroy_process_group()  # keep the process group until the command ends
 
 
 if __name__ == "__main__":

@@ -7,11 +7,20 @@ pipeline saves the same card again).
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
 LIBRARY_NAME = "dallekit"
+
+
+def dallekit_version() -> str:
+    """The installed dallekit's version, written into what it saves and uploads ("unknown" when not installed)."""
+    try:
+        return version(LIBRARY_NAME)
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _format(value: Any) -> str:

@@ -18,7 +18,6 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -29,14 +28,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from pipelines.model_card import make_model_card, read_training_info
+from dallekit.data import ImageTransform
+from dallekit.modeling_utils import inference_dtype, to_uint8
 from dallekit.scorer import ScorerModel, TextImageScorer
+from dallekit.text_tokenizer import encode_captions
+from pipelines.model_card import dallekit_version, make_model_card, read_training_info
+from pipelines.space import require_gradio, write_space
 from stage1_dvae import DVAEModel
 from stage2_prior import PriorModel
-from stage2_prior.text_tokenizer import encode_captions
-from dallekit.data import ImageTransform
-from dallekit.training.accelerator import inference_dtype
-from dallekit.training.images import to_uint8
 
 ModelT = TypeVar("ModelT", DVAEModel, PriorModel, ScorerModel)
 MODEL_INDEX = "model_index.json"
@@ -52,13 +51,6 @@ REQUIRED_FILES = {
     "tokenizer": ("tokenizer.json",),
     "scorer": ("config.json", "model.safetensors", "tokenizer.json"),
 }
-
-
-def dallekit_version() -> str:
-    try:
-        return version("dallekit")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 class PipelineLoadError(ValueError):
@@ -257,18 +249,12 @@ class TextToImagePipeline:
         """Save the pipeline to a temporary folder and upload it as one commit to the Hub model `repo_id`.
 
         With `space_id`, also create or update that Gradio Space, whose `app.py` serves the model's
-        page (`pipelines.web.write_space`; needs the `web` extra), with the same `private`; the model
+        page (`pipelines.space.write_space`; needs the `web` extra), with the same `private`; the model
         card links to it. The page lives in a Space of its own because a model repository runs no app.
         Returns the model's commit.
         """
         if space_id is not None:
-            try:
-                from pipelines.web import write_space
-            except ModuleNotFoundError as error:
-                if error.name != "gradio":
-                    raise
-                raise ImportError('push_to_hub(space_id=...) writes a Gradio app and needs Gradio: '
-                                  'pip install -e ".[web]" (from the dallekit checkout)') from error
+            require_gradio()  # before anything is uploaded
         api = HfApi(token=token)
         message = commit_message or f"Upload {type(self).__name__} (dallekit {dallekit_version()})"
         with tempfile.TemporaryDirectory(prefix="dallekit-upload-") as folder:

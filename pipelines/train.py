@@ -27,26 +27,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.state import PartialState
 from transformers import PreTrainedTokenizerFast
 
-from dallekit.evaluation import EVALUATION_SEED, evaluate_pipeline, load_or_train_scorer
-from dallekit.evaluation.reconstruction import judge_reconstructions
+from dallekit.data import BUILTIN_DATASETS, DataConfig, load_text_image_dataset
+from dallekit.data.sources import check_source_exists
+from dallekit.evaluation import EVALUATION_SEED, evaluate_pipeline
 from dallekit.evaluation.classifier import LABELLED_DATASETS
-from pipelines.text_to_image import TextToImagePipeline
+from dallekit.evaluation.reconstruction import judge_reconstructions
 from dallekit.scorer import TextImageScorer
 from dallekit.scorer.train import ScorerTrainConfig
 from dallekit.scorer.train import train as train_scorer
+from dallekit.training.accelerator import resolve_mixed_precision
+from dallekit.training.config import ConfigError, load_config, recipe_exists, recipe_path
+from dallekit.training.images import save_image_grid
+from pipelines.judges import load_or_train_judge
+from pipelines.text_to_image import TextToImagePipeline
 from stage1_dvae import DVAEModel
 from stage1_dvae.train import Stage1Config
 from stage1_dvae.train import train as train_stage1
 from stage2_prior import PriorModel
 from stage2_prior.train import Stage2Config
 from stage2_prior.train import train as train_stage2
-from dallekit.data import BUILTIN_DATASETS, DataConfig, load_text_image_dataset
-from dallekit.data.sources import check_source_exists
-from dallekit.training.accelerator import continue_on_main_process_alone, reset_process_state
-from dallekit.training.config import ConfigError, load_config, recipe_exists, recipe_path
-from dallekit.training.images import save_image_grid
 
 STEPS = 5
 
@@ -86,12 +88,12 @@ def recipe_for(data: str, image_size: int) -> Recipe:
 
 
 def evaluate_languages(
-    pipe: TextToImagePipeline, data: DataConfig, guidance_scales: tuple[float, ...], seed: int, max_prompts: int | None
+    pipe: TextToImagePipeline, judge: TextImageScorer, data: DataConfig, guidance_scales: tuple[float, ...], seed: int,
+    max_prompts: int | None,
 ) -> dict[str, dict[str, Any]]:
     """The evaluation at the middle guidance scale once per caption language: the same held-out images,
     prompted in that language (`data.caption_languages` reordered to put it first) and judged by one
     evaluation scorer, the one of `data`, which trained on the captions of every language."""
-    judge = load_or_train_scorer(data, pipe.vqvae.config.image_size)  # cached by the main evaluation
     scale = sorted(guidance_scales)[len(guidance_scales) // 2]
     by_language = {}
     for language in data.caption_languages:
@@ -134,6 +136,21 @@ def data_licence(data: DataConfig) -> dict[str, str]:
         return {}
     return {"license": info.license, "license_id": info.license.lower().replace(" ", "-"),
             "attribution": (info.description or "").strip()}
+
+
+def check_one_precision(configs: dict[str, Any]) -> None:
+    """Fail before training when the stages ask for different mixed precisions: the models of one
+    process train under one accelerate process state, hence one precision."""
+    use_cpu = not torch.accelerator.is_available()
+    resolved = {name: resolve_mixed_precision(config.training.mixed_precision, use_cpu=use_cpu)
+                for name, config in configs.items()}
+    if len(set(resolved.values())) > 1:
+        raise ConfigError(
+            "the stages ask for different mixed precisions ("
+            + ", ".join(f"{name}: {precision}" for name, precision in resolved.items())
+            + "): dallekit train trains them in one process, under one precision; set training.mixed_precision "
+            "to the same value (or auto) in every config"
+        )
 
 
 def _banner(step: int, text: str) -> None:
@@ -186,25 +203,25 @@ def train_pipeline(
             f"the reranking scorer's training.seed is {EVALUATION_SEED}, the evaluation scorer's "
             "(evaluation.EVALUATION_SEED): choose another seed, so that the scorer that reranks is not the judge"
         )
+    check_one_precision({"stage 1": stage1, "stage 2": stage2, "scorer": scorer})
     seconds: dict[str, float] = {}
     start = time.perf_counter()
 
     _banner(1, f"training the image tokenizer on {data} at {image_size}px ({stage1_config.name})")
     stage1_metrics = train_stage1(stage1)
-    reset_process_state()
     seconds["stage1"] = time.perf_counter() - start
 
     _banner(2, f"training the prior on captions and image codes ({stage2_config.name})")
     stage2_metrics = train_stage2(stage2)
-    reset_process_state()
     seconds["stage2"] = time.perf_counter() - start - sum(seconds.values())
 
     _banner(3, f"training the reranking scorer ({scorer_config.name}, seed {scorer.training.seed})")
     scorer_metrics = train_scorer(scorer)
-    reset_process_state()
     seconds["scorer"] = time.perf_counter() - start - sum(seconds.values())
 
-    if not continue_on_main_process_alone():  # under `accelerate launch`: evaluation and samples on one process
+    # The evaluation judge trains on every process too (cached); evaluation and samples then run on the main one.
+    judge = load_or_train_judge(stage1.data, image_size)
+    if not PartialState().is_main_process:
         return {}
     pipe = TextToImagePipeline(
         vqvae=DVAEModel.from_pretrained(output_dir / "stage1" / "model"),
@@ -216,9 +233,9 @@ def train_pipeline(
     if data in LABELLED_DATASETS:
         stage1_metrics |= judge_reconstructions(pipe.vqvae, data)
     evaluation = evaluate_pipeline(pipe, dataset=stage1.data, guidance_scales=guidance_scales, seed=seed,
-                                   max_prompts=max_prompts)
+                                   max_prompts=max_prompts, scorer=judge)
     if len(stage1.data.caption_languages) > 1:
-        evaluation["by_language"] = evaluate_languages(pipe, stage1.data, guidance_scales, seed, max_prompts)
+        evaluation["by_language"] = evaluate_languages(pipe, judge, stage1.data, guidance_scales, seed, max_prompts)
     seconds["evaluation"] = time.perf_counter() - start - sum(seconds.values())
 
     _banner(5, "drawing samples and saving the pipeline")

@@ -4,28 +4,23 @@
 validation captions as examples, the sampling settings, a gallery of the results, and image
 completion from the first rows of an uploaded image. Requests wait in Gradio's queue and sample
 one at a time, each as one batched prior call; bad input is answered in the page. `load_app(model)`
-is what a Space runs: the page for a saved pipeline, or a page saying why it cannot be loaded.
-`write_space(folder, repo_id)` writes such a Space for the Hub model `repo_id`.
+is what a Space runs: the page for a saved pipeline, or a page saying why it cannot be loaded
+(`pipelines.space.write_space` writes such a Space).
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 import warnings
-from importlib.metadata import distribution, requires
-from importlib.metadata import version as package_version
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import gradio as gr
 import torch
-from huggingface_hub import SpaceCard, SpaceCardData
 from PIL import Image
 
-from pipelines.text_to_image import TextToImagePipeline, dallekit_version
-from stage2_prior.text_tokenizer import encode_captions
+from dallekit.text_tokenizer import encode_captions
+from pipelines.text_to_image import TextToImagePipeline
 
 ComponentT = TypeVar("ComponentT", bound=gr.components.Component)
 TITLE = "dallekit: text to image"
@@ -186,38 +181,3 @@ def load_app(model: str | Path, revision: str | None = None) -> gr.Blocks:
     except (OSError, ValueError) as error:
         return _error_app(f"cannot load a pipeline from {str(model)!r}: {error}")
     return build_app(pipe)
-
-
-SPACE_APP = '''"""A page to try the dallekit text-to-image model {repo_id} (written by dallekit {version})."""
-
-from pipelines.web import load_app
-
-load_app({repo_id!r}, revision={revision!r}).launch()
-'''
-
-
-def write_space(folder: str | Path, repo_id: str, revision: str | None = None) -> Path:
-    """Write a Gradio Space that serves the Hub model `repo_id` to `folder`.
-
-    It holds `app.py`, `requirements.txt` (dallekit's dependencies), the Space card `README.md`
-    (pinned to the installed Gradio, linked to the model) and a copy of dallekit's own packages: dallekit
-    is not on PyPI, and so the Space runs the code that pushed the model.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "app.py").write_text(SPACE_APP.format(repo_id=repo_id, revision=revision, version=dallekit_version()))
-    dependencies = [requirement for requirement in requires("dallekit") or [] if "extra ==" not in requirement]
-    (folder / "requirements.txt").write_text("\n".join(dependencies) + "\n")
-    for package in distribution("dallekit").read_text("top_level.txt").split():
-        source = Path(find_spec(package).origin).parent
-        shutil.copytree(source, folder / package, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-    card = SpaceCardData(
-        title=f"dallekit {repo_id.split('/')[-1]}", sdk="gradio", sdk_version=package_version("gradio"),
-        app_file="app.py", models=[repo_id], tags=["dallekit", "text-to-image"], emoji="🎨", colorFrom="indigo",
-        colorTo="pink",
-    )
-    SpaceCard(
-        f"---\n{card.to_yaml()}\n---\n\nA page to try the text-to-image model [{repo_id}]"
-        f"(https://huggingface.co/{repo_id}), trained with dallekit: type a prompt, get images.\n"
-    ).save(folder / "README.md")
-    return folder

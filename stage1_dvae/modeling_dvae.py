@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from dallekit.modeling_utils import StrictPreTrainedModel
 from stage1_dvae.configuration_dvae import DVAEConfig
 from stage1_dvae.losses import decoder_output_channels, reconstruction_loss, to_pixels
 from stage1_dvae.quantizers import FiniteScalarQuantizer, GumbelQuantizer, VectorQuantizer
-from dallekit.training.pretrained import StrictPreTrainedModel
 
 
 def group_norm(channels: int) -> nn.GroupNorm:

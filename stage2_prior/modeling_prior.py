@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import DynamicCache, LlamaModel
+from transformers import LlamaModel
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -51,10 +51,9 @@ from transformers.generation.logits_process import (
 )
 from transformers.utils import ModelOutput
 
+from dallekit.modeling_utils import StrictPreTrainedModel, inference_dtype
 from stage2_prior.configuration_prior import PriorConfig
 from stage2_prior.kv_decoding import FusedDecoder, KVCache
-from dallekit.training.accelerator import inference_dtype
-from dallekit.training.pretrained import StrictPreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +111,6 @@ class PriorOutput(ModelOutput):
     text_loss: torch.Tensor | None = None
     image_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # [B, T, text_vocab_size + image_vocab_size]
-    cache: DynamicCache | None = None
 
 
 class PriorPreTrainedModel(StrictPreTrainedModel):
@@ -211,34 +209,23 @@ class PriorModel(PriorPreTrainedModel):
 
     # ---- training -------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        cache: DynamicCache | None = None,
-        use_cache: bool = False,
-        compute_loss: bool = True,
-        return_logits: bool = True,
-    ) -> PriorOutput:
+    def forward(self, input_ids: torch.Tensor, compute_loss: bool = True, return_logits: bool = True) -> PriorOutput:
         """Logits for every position (`return_logits`); with `compute_loss`, the text/image-weighted next-token loss.
 
         Training passes `return_logits=False`: the loss then takes each position's logits over its own
         vocabulary only (text before the image, image codes after), not the masked joint vocabulary,
         which saves most of the output layer's and the loss's time when the two vocabularies are large.
         """
-        past = cache.get_seq_length() if cache is not None else 0
-        positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
-        if positions[-1] >= self.config.max_seq_len:
-            raise ValueError(f"sequence of {positions[-1] + 1} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        if input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         hidden = self.decoder(
-            inputs_embeds=self._embed(input_ids, positions),
-            position_ids=positions.unsqueeze(0),
-            cache=cache,
-            use_cache=use_cache,
+            inputs_embeds=self._embed(input_ids, positions), position_ids=positions.unsqueeze(0), use_cache=False
         )
-        output = PriorOutput(cache=hidden.cache if use_cache else None)
+        output = PriorOutput()
         if return_logits:
             output.logits = self._restrict_logits(self.lm_head(hidden.last_hidden_state).float(), positions)
-        if compute_loss and past == 0 and input_ids.shape[1] > 1:
+        if compute_loss and input_ids.shape[1] > 1:
             output.text_loss, output.image_loss = self._losses(hidden.last_hidden_state, input_ids)
             config = self.config
             output.loss = config.text_loss_weight * output.text_loss + config.image_loss_weight * output.image_loss
@@ -347,7 +334,7 @@ class PriorModel(PriorPreTrainedModel):
         `do_sample=False` picks the most likely code (greedy); `progress` shows a bar over the codes.
         `mixed_precision`: `auto` follows a caller's autocast, else samples in bf16 on CPUs with native
         bf16 (AVX-512 BF16, AMX), where it is faster, else in the weights' dtype; `no` forces the
-        weights' dtype (fp32), `bf16` bf16 (`training.accelerator.inference_dtype`).
+        weights' dtype (fp32), `bf16` bf16 (`dallekit.modeling_utils.inference_dtype`).
         `compile`: run the one-token step of the KV cache through `torch.compile` (`True`): the first
         call at a batch size compiles (seconds to tens of seconds on a CPU), later ones draw faster; the
         same codes in fp32, under bf16 now and then another where the fused kernels round differently.

@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
-from stage1_dvae import DVAEConfig  # noqa: E402
 from dallekit.data import DataConfig, TextImageCollator, load_text_image_dataset  # noqa: E402
+from stage1_dvae import DVAEConfig  # noqa: E402
 
 
 def cpu_processes_env() -> dict[str, str]:

@@ -206,9 +206,10 @@ def test_train_under_accelerate_launch_trains_on_two_processes_and_reports_once(
         env=cpu_processes_env() | {"DALLEKIT_CACHE": str(tmp_path / "cache"), "TQDM_DISABLE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    # stage 1, stage 2 and the scorer on both ranks; then the evaluation scorer on the main process alone
-    assert result.stderr.count("accelerator: 2 process(es), strategy DDP") == 6
-    assert result.stderr.count("accelerator: 1 process(es), strategy single process") == 1
+    # stage 1, stage 2, the reranking scorer and the evaluation scorer, each on both ranks; no private accelerate
+    # state reset in between (one accelerate process state, four accelerators)
+    assert result.stderr.count("accelerator: 2 process(es), strategy DDP") == 8
+    assert "strategy single process" not in result.stderr
     # the log names the batch an optimiser step sees: 16 per process (stages) or 32 (scorer), on 2 processes
     assert result.stderr.count("effective batch 32 (16 per process x 2 process(es) x 1 accumulation step(s))") == 4
     assert result.stderr.count("effective batch 64 (32 per process x 2 process(es) x 1 accumulation step(s))") == 2

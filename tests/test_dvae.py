@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from dallekit.evaluation.reconstruction import psnr_from_mse
 from stage1_dvae import DVAEConfig, DVAEModel
+from stage1_dvae.metrics import psnr_from_mse
 from stage1_dvae.quantizers import FiniteScalarQuantizer
 from stage1_dvae.quantizers.base import marginal_kl_to_uniform
 from stage1_dvae.quantizers.gumbel import kl_to_uniform

@@ -18,17 +18,14 @@ import PIL.ImageDraw
 import PIL.ImageFont
 import pytest
 
-from stage1_dvae import DVAEModel
-from stage2_prior.pretokenize import pretokenize
-from tests.conftest import tiny_dvae_config
 from dallekit.data import AugmentationConfig, DataConfig, load_text_image_dataset, training_captions
 from dallekit.data.config import CAPTION_LANGUAGES
 from dallekit.data.emoji import (
     EMOJI_ATTRIBUTION,
     EMOJI_LICENSE,
     emoji_characters,
-    emoji_sharing_a_picture,
     emoji_row,
+    emoji_sharing_a_picture,
     english_aliases,
     main,
     make_emoji_dataset,
@@ -36,6 +33,9 @@ from dallekit.data.emoji import (
     render_emoji,
     validation_emoji,
 )
+from stage1_dvae import DVAEModel
+from stage2_prior.pretokenize import pretokenize
+from tests.conftest import tiny_dvae_config
 
 SIZE = 16  # the tiny stage-1 model's size; nothing here depends on the pixels' detail
 LANGUAGES = ["en", "es"]

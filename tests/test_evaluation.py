@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import dallekit.evaluation.classifier
+from dallekit.data import DataConfig, TextImageCollator, load_text_image_dataset
+from dallekit.data.cache import dallekit_cache_dir
 from dallekit.evaluation import (
     ClassifierConfig,
     ImageClassifier,
@@ -17,22 +19,21 @@ from dallekit.evaluation import (
     exact_copy_rate,
     frechet_distance,
     load_or_train_classifier,
-    load_or_train_scorer,
     near_copy_rate,
     prompt_adherence,
     train_classifier,
 )
 from dallekit.evaluation.reconstruction import judge_reconstructions
-from pipelines import TextToImagePipeline
-from pipelines.text_to_image import TextToImageOutput
 from dallekit.scorer import TextImageScorer
 from dallekit.scorer.train import ScorerTrainConfig
+from dallekit.text_tokenizer import train_text_tokenizer
+from dallekit.training.config import load_config
+from pipelines import TextToImagePipeline
+from pipelines.judges import load_or_train_judge
+from pipelines.text_to_image import TextToImageOutput
 from stage1_dvae import DVAEModel
 from stage2_prior import PriorConfig, PriorModel
-from stage2_prior.text_tokenizer import train_text_tokenizer
 from tests.conftest import tiny_dvae_config
-from dallekit.data import DataConfig, TextImageCollator, load_text_image_dataset
-from dallekit.training.config import load_config
 
 QUICK = ClassifierConfig(steps=60)  # ~1 s on real 16x16 digits
 
@@ -53,7 +54,7 @@ def digits_scorer(cache_dir: Path) -> TextImageScorer:
     """The evaluation scorer, trained for a few seconds (`configs/scorer/tiny.yaml`) on the real 16x16 digits."""
     tiny = Path(__file__).resolve().parents[1] / "configs" / "scorer" / "tiny.yaml"
     config = load_config(ScorerTrainConfig, ["--config", str(tiny), "--progress", "false"])
-    return load_or_train_scorer("digits", 16, config=config, cache_dir=cache_dir)
+    return load_or_train_judge("digits", 16, config=config, cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="module")
@@ -187,14 +188,14 @@ def test_classifier_learns_real_digits_and_its_cache_is_reused(
     def no_training(*args, **kwargs) -> None:
         raise AssertionError("retrained although the classifier is cached")
 
-    monkeypatch.setattr(evaluation.classifier, "train_classifier", no_training)
+    monkeypatch.setattr(dallekit.evaluation.classifier, "train_classifier", no_training)
     again = load_or_train_classifier("digits", 16, QUICK, cache_dir=cache_dir)
     pixels = torch.rand(4, 3, 16, 16) * 2 - 1
     assert torch.equal(again.features(pixels), digits_classifier.features(pixels))
     with pytest.raises(AssertionError, match="retrained"):  # a new image size is a new key
         load_or_train_classifier("digits", 8, QUICK, cache_dir=cache_dir)
     monkeypatch.setenv("DALLEKIT_CACHE", str(cache_dir / "elsewhere"))
-    assert evaluation.classifier.default_cache_dir() == cache_dir / "elsewhere" / "classifiers"
+    assert dallekit_cache_dir("classifiers") == cache_dir / "elsewhere" / "classifiers"
     with pytest.raises(ValueError, match="digits, shapes"):
         load_or_train_classifier("cifar10", 16, QUICK, cache_dir=cache_dir)
 
@@ -216,7 +217,8 @@ def test_evaluate_pipeline_end_to_end(
     with pytest.raises(ValueError, match="pass a classifier trained on 'shapes'"):
         evaluate_pipeline(pipe, "shapes", classifier=digits_classifier, scorer=digits_scorer, progress=False)
     with pytest.raises(ValueError, match="max_prompts"):
-        evaluate_pipeline(pipe, "digits", max_prompts=1, classifier=digits_classifier, progress=False)
+        evaluate_pipeline(pipe, "digits", max_prompts=1, classifier=digits_classifier, scorer=digits_scorer,
+                          progress=False)
 
 
 def test_a_pipeline_that_returns_training_images_is_all_copies(

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from bench.model_sizes import PRIORS, TOKENIZERS, prior_config, read_config
+from dallekit.training.config import TrainingConfig, load_config
+from dallekit.training.optim import create_optimizer
 from stage1_dvae import DVAEConfig, DVAEModel
 from stage1_dvae.train import Stage1Config
 from stage2_prior import PriorConfig, PriorModel
 from stage2_prior.train import Stage2Config
-from dallekit.training.config import TrainingConfig, load_config
-from dallekit.training.optim import create_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

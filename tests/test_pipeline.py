@@ -15,15 +15,15 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
+from dallekit.data import DataConfig, load_text_image_dataset
+from dallekit.modeling_utils import inference_dtype
+from dallekit.scorer import ScorerConfig, ScorerModel, TextImageScorer
+from dallekit.text_tokenizer import train_text_tokenizer
 from pipelines import TextToImagePipeline
 from pipelines.text_to_image import PipelineLoadError
-from dallekit.scorer import ScorerConfig, ScorerModel, TextImageScorer
 from stage1_dvae import DVAEModel
 from stage2_prior import PriorConfig, PriorModel
-from stage2_prior.text_tokenizer import train_text_tokenizer
 from tests.conftest import tiny_dvae_config
-from dallekit.data import DataConfig, load_text_image_dataset
-from dallekit.training.accelerator import inference_dtype
 
 
 def tiny_scorer(tokenizer: PreTrainedTokenizerFast, image_size: int = 16, seed: int = 1) -> TextImageScorer:

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from dallekit.data import DataConfig, load_text_image_dataset
 from dallekit.evaluation import ClassifierConfig, evaluate_pipeline, load_or_train_classifier
 from pipelines import TextToImageOutput, TextToImagePipeline
 from pipelines.text_to_image import PipelineLoadError
 from tests.test_pipeline import tiny_pipeline, tiny_scorer
-from dallekit.data import DataConfig, load_text_image_dataset
 
 PROMPTS = ["a handwritten digit seven", "the number 3"]
 

@@ -11,18 +11,19 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-import dallekit.evaluation.scorer_metrics
-from dallekit.evaluation import ImageClassifier, evaluate_pipeline, load_or_train_scorer, r_precision
-from pipelines import TextToImagePipeline
+import pipelines.judges
+
+#                                                                         a tiny untrained 16px pipeline)
+from dallekit.data import DataConfig, decode_pairs, load_text_image_dataset
+from dallekit.evaluation import ImageClassifier, evaluate_pipeline, r_precision
 from dallekit.scorer import ScorerConfig, ScorerModel, TextImageScorer, retrieval_accuracy, top_k_hits, unique_captions
 from dallekit.scorer.train import ScorerTrainConfig, train
-from dallekit.data import decode_pairs
-from stage2_prior.text_tokenizer import train_text_tokenizer
-from tests.test_evaluation import cache_dir, digits_classifier, pipe  # noqa: F401 (fixtures: a quick classifier,
-#                                                                         a tiny untrained 16px pipeline)
-from dallekit.data import DataConfig, load_text_image_dataset
+from dallekit.text_tokenizer import train_text_tokenizer
 from dallekit.training.checkpointing import list_checkpoints
 from dallekit.training.config import ConfigError, load_config
+from pipelines import TextToImagePipeline
+from pipelines.judges import load_or_train_judge
+from tests.test_evaluation import cache_dir, digits_classifier, pipe  # noqa: F401 (fixtures: a quick classifier,
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "scorer" / "tiny.yaml")
@@ -120,7 +121,7 @@ def test_the_scorer_learns_digits_and_saving_keeps_its_scores(trained: tuple[Pat
 
     scorer = TextImageScorer.from_pretrained(output_dir / "scorer")
     splits = load_text_image_dataset(DataConfig(source="digits", image_size=16))
-    pixels, texts, _ = decode_pairs(splits["validation"], 16)
+    pixels, texts, *_ = decode_pairs(splits["validation"], 16)
     captions, index = unique_captions(texts, scorer.tokenizer)
     reloaded = retrieval_accuracy(scorer.similarity(pixels, captions), index)
     assert reloaded == pytest.approx({k: v for k, v in metrics.items() if "_top" in k}, abs=1e-6)  # as in training
@@ -170,7 +171,7 @@ def test_bad_config_fails_with_a_clear_message(tmp_path: Path, overrides: list[s
 @pytest.fixture(scope="module")
 def evaluation_scorer(tmp_path_factory: pytest.TempPathFactory) -> tuple[TextImageScorer, Path]:
     cache_dir = tmp_path_factory.mktemp("scorers")
-    return load_or_train_scorer("digits", 16, config=tiny_config(cache_dir), cache_dir=cache_dir), cache_dir
+    return load_or_train_judge("digits", 16, config=tiny_config(cache_dir), cache_dir=cache_dir), cache_dir
 
 
 def test_evaluation_scorer_is_cached_and_leaves_the_random_state_alone(
@@ -184,17 +185,17 @@ def test_evaluation_scorer_is_cached_and_leaves_the_random_state_alone(
     def no_training(*args, **kwargs) -> None:
         raise AssertionError("retrained although the scorer is cached")
 
-    monkeypatch.setattr(evaluation.scorer_metrics, "train", no_training)
-    again = load_or_train_scorer("digits", 16, config=tiny_config(cache_dir), cache_dir=cache_dir)
+    monkeypatch.setattr(pipelines.judges, "train", no_training)
+    again = load_or_train_judge("digits", 16, config=tiny_config(cache_dir), cache_dir=cache_dir)
     pixels = torch.rand(4, 3, 16, 16) * 2 - 1
     assert torch.equal(again.image_features(pixels), scorer.image_features(pixels))
     with pytest.raises(AssertionError, match="retrained"):  # another seed is another scorer
-        load_or_train_scorer("digits", 16, seed=0, config=tiny_config(cache_dir), cache_dir=cache_dir)
+        load_or_train_judge("digits", 16, seed=0, config=tiny_config(cache_dir), cache_dir=cache_dir)
 
     monkeypatch.undo()
     state = torch.random.get_rng_state()
     with torch.no_grad():  # as in evaluate_pipeline
-        small = load_or_train_scorer("digits", 8, config=tiny_config(cache_dir, "--max_steps", "1"),
+        small = load_or_train_judge("digits", 8, config=tiny_config(cache_dir, "--max_steps", "1"),
                                      cache_dir=cache_dir)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert small.model.config.image_size == 8 and small.image_features(pixels[:, :, :8, :8]).shape == (4, 32)
@@ -236,8 +237,8 @@ def test_evaluate_pipeline_reports_scorer_metrics_with_and_without_labels(
 
 def test_the_evaluation_scorer_recipe_fits_smaller_images() -> None:
     """The emoji recipe (four levels, made for 64px) keeps the levels that 16px images allow and builds there."""
-    from dallekit.evaluation.scorer_metrics import levels_for_image_size
     from dallekit.scorer import ScorerConfig
+    from pipelines.judges import levels_for_image_size
 
     recipe = ScorerConfig(image_size=64, image_channels=[16, 32, 64, 64])
     assert levels_for_image_size(recipe, 64).image_channels == [16, 32, 64, 64]

@@ -31,7 +31,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from pipelines import TextToImagePipeline
 from pipelines.cli import main
-from pipelines.web import DISPLAY_SIZE, build_app, load_app, write_space
+from pipelines.space import write_space
+from pipelines.web import DISPLAY_SIZE, build_app, load_app
 from tests.test_pipeline import tiny_pipeline, tiny_scorer
 
 ROOT = Path(__file__).resolve().parents[1]

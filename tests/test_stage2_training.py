@@ -12,6 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dallekit.data import AugmentationConfig, DataConfig, TextImageCollator, load_text_image_dataset
+from dallekit.training.checkpointing import list_checkpoints
+from dallekit.training.config import ConfigError, load_config
 from stage1_dvae import DVAEModel
 from stage1_dvae.train import Stage1Config
 from stage1_dvae.train import train as train_stage1
@@ -19,9 +22,6 @@ from stage2_prior import PriorModel
 from stage2_prior.pretokenize import pretokenize
 from stage2_prior.train import Stage2Config, train
 from tests.conftest import cpu_processes_env
-from dallekit.data import AugmentationConfig, DataConfig, TextImageCollator, load_text_image_dataset
-from dallekit.training.checkpointing import list_checkpoints
-from dallekit.training.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_PRIOR = str(ROOT / "configs" / "prior" / "tiny.yaml")

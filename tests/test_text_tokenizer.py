@@ -1,4 +1,4 @@
-"""Tests for stage2_prior.text_tokenizer: training, encoding to text_len, truncation, save/load."""
+"""Tests for dallekit.text_tokenizer: training, encoding to text_len, truncation, decoding, save/load."""
 
 import logging
 import warnings
@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from stage2_prior.text_tokenizer import EMPTY_CAPTION, decode_captions, encode_captions, train_text_tokenizer
 from dallekit.data import DataConfig, load_text_image_dataset
+from dallekit.text_tokenizer import EMPTY_CAPTION, encode_captions, train_text_tokenizer
 
 VOCAB_SIZE, TEXT_LEN = 300, 16
 PAD, BOS, EOS = 0, 1, 2
@@ -34,7 +34,7 @@ def test_vocabulary_and_special_tokens(tokenizer):
 
 
 def test_training_logs_vocabulary_size(captions, caplog):
-    with caplog.at_level(logging.INFO, logger="stage2_prior"):
+    with caplog.at_level(logging.INFO, logger="dallekit.text_tokenizer"):
         tokenizer = train_text_tokenizer(captions[:100], vocab_size=VOCAB_SIZE)
     assert f"on 100 captions: {len(tokenizer)} of at most {VOCAB_SIZE} tokens" in caplog.text
 
@@ -45,7 +45,7 @@ def test_training_captions_encode_to_text_len_and_decode_back(tokenizer, caption
     for row in ids.tolist():
         eos_at = row.index(EOS)
         assert BOS not in row and PAD not in row[:eos_at] and set(row[eos_at + 1:]) <= {PAD}
-    assert decode_captions(tokenizer, ids) == [caption.lower() for caption in captions]
+    assert tokenizer.batch_decode(ids, skip_special_tokens=True) == [caption.lower() for caption in captions]
 
 
 def test_captions_are_case_insensitive(tokenizer):
@@ -58,7 +58,7 @@ def test_unseen_text_encodes_byte_level(tokenizer):
     ids = encode_captions(tokenizer, prompt, text_len=64)
     assert ids.shape == (1, 64)
     assert ids[0].tolist().count(EOS) == 1  # typed "<eos>" is text, not the special token
-    assert decode_captions(tokenizer, ids) == [prompt]
+    assert tokenizer.batch_decode(ids, skip_special_tokens=True) == [prompt]
 
 
 def test_empty_caption_is_eos_then_padding(tokenizer):
@@ -66,7 +66,7 @@ def test_empty_caption_is_eos_then_padding(tokenizer):
     ids = encode_captions(tokenizer, PROMPTS)
     assert ids[2].tolist() == [EOS] + [PAD] * (TEXT_LEN - 1)
     assert torch.equal(ids[0], encode_captions(tokenizer, PROMPTS[0])[0])
-    assert decode_captions(tokenizer, ids)[2] == ""
+    assert tokenizer.batch_decode(ids, skip_special_tokens=True)[2] == ""
 
 
 def test_long_caption_is_truncated_with_one_warning(captions, caplog):
@@ -85,7 +85,7 @@ def test_long_caption_is_truncated_with_one_warning(captions, caplog):
     assert f"caption 1 (\"a handwritten digit a handwritten ...\") is {length} tokens, {dropped} dropped" in message
     assert "caption 2 (" in message and "caption 0" not in message and message.endswith(f"text_len is {TEXT_LEN}")
     assert ids.shape == (3, TEXT_LEN) and ids[1:, -1].tolist() == [EOS, EOS]
-    assert decode_captions(tokenizer, ids[1:2]) == [("a handwritten digit " * 5).strip()]
+    assert tokenizer.batch_decode(ids[1:2], skip_special_tokens=True) == [("a handwritten digit " * 5).strip()]
 
     with pytest.warns(UserWarning, match=rf"is {length} tokens, {length - 32} dropped: text_len is 32"):
         assert encode_captions(tokenizer, long_prompt, text_len=32)[0, -1] == EOS
@@ -114,7 +114,8 @@ def test_save_and_load_round_trip(tokenizer, captions, tmp_path, loader, subfold
     assert [loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id] == [PAD, BOS, EOS]
     # normaliser, pre-tokenizer, post-processor (appends <eos>), decoder and vocabulary all saved
     assert loaded.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
-    assert decode_captions(loaded, encode_captions(loaded, PROMPTS)) == [p.lower() for p in PROMPTS]
+    decoded = loaded.batch_decode(encode_captions(loaded, PROMPTS), skip_special_tokens=True)
+    assert decoded == [p.lower() for p in PROMPTS]
 
 
 @pytest.mark.parametrize(

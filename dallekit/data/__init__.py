@@ -9,11 +9,11 @@ from .shapes import draw_shape, make_shapes, make_shapes_dataset, parse_shape_ca
 from .sources import BUILTIN_DATASETS, load_text_image_dataset, training_captions
 from .transforms import (
     DecodedPairs,
-    decode_pairs,
     ImageTransform,
     TextImageCollator,
     background_colour,
     decode_image,
+    decode_pairs,
     random_shift_and_scale,
     shift_and_scale,
     to_rgb,

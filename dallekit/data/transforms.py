@@ -151,6 +151,7 @@ class DecodedPairs(NamedTuple):
     pixel_values: torch.Tensor
     texts: list[str]
     captions: list[list[str]]  # the `captions` column where the split has one, else [text]
+    num_skipped: int  # unreadable images left out
 
 
 def decode_pairs(split: datasets.Dataset, image_size: int) -> DecodedPairs:
@@ -159,4 +160,4 @@ def decode_pairs(split: datasets.Dataset, image_size: int) -> DecodedPairs:
     if batch["num_skipped"]:
         logger.warning("skipped %d unreadable images of %d", batch["num_skipped"], len(split))
     captions = batch.get("captions") or [[text] for text in batch["text"]]
-    return DecodedPairs(batch["pixel_values"], batch["text"], captions)
+    return DecodedPairs(batch["pixel_values"], batch["text"], captions, batch["num_skipped"])

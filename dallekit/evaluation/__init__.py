@@ -4,26 +4,22 @@
 from .classifier import ClassifierConfig, ImageClassifier, load_or_train_classifier, train_classifier
 from .generation import evaluate_pipeline
 from .metrics import exact_copy_rate, frechet_distance, near_copy_rate, prompt_adherence
-from .reconstruction import codebook_statistics, evaluate_tokenizer, mse, psnr_from_mse
-from .scorer_metrics import EVALUATION_SEED, clip_score, judge_images, load_or_train_scorer, r_precision
+from .reconstruction import judge_reconstructions
+from .scorer_metrics import EVALUATION_SEED, clip_score, judge_images, r_precision
 
 __all__ = [
     "EVALUATION_SEED",
     "ClassifierConfig",
     "ImageClassifier",
     "clip_score",
-    "codebook_statistics",
     "evaluate_pipeline",
-    "evaluate_tokenizer",
     "exact_copy_rate",
     "frechet_distance",
     "judge_images",
+    "judge_reconstructions",
     "load_or_train_classifier",
-    "load_or_train_scorer",
-    "mse",
     "near_copy_rate",
     "prompt_adherence",
-    "psnr_from_mse",
     "r_precision",
     "train_classifier",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,9 +22,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dallekit.evaluation.metrics import prompt_adherence
 from dallekit.data import DataConfig, TextImageCollator, load_text_image_dataset
+from dallekit.data.cache import dallekit_cache_dir
 from dallekit.data.transforms import random_shift
+from dallekit.evaluation.metrics import prompt_adherence
 
 logger = logging.getLogger(__name__)
 
@@ -165,12 +165,6 @@ def decode_split(split: datasets.Dataset, image_size: int) -> tuple[torch.Tensor
     return pixel_values, {name: torch.tensor(split[name]) for name in class_columns(split)}
 
 
-def default_cache_dir(kind: str = "classifiers") -> Path:
-    """`$DALLEKIT_CACHE/{kind}`, or `~/.cache/dallekit/{kind}` when the variable is unset."""
-    root = os.environ.get("DALLEKIT_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "dallekit") / kind
-
-
 def load_or_train_classifier(
     dataset: str,
     image_size: int,
@@ -194,7 +188,7 @@ def load_or_train_classifier(
         "config": asdict(config),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    stem = Path(cache_dir or default_cache_dir()) / f"{dataset}-{image_size}px-{digest}"
+    stem = Path(cache_dir or dallekit_cache_dir("classifiers")) / f"{dataset}-{image_size}px-{digest}"
     weights_path, info_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     if weights_path.is_file() and info_path.is_file():  # the JSON is written last: both mean a complete entry
         model = ImageClassifier(num_classes, config.width, config.feature_dim)

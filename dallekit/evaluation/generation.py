@@ -12,24 +12,34 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
+from dallekit.data import DataConfig, decode_pairs, load_text_image_dataset
 from dallekit.evaluation.classifier import ImageClassifier, class_columns, classify, load_or_train_classifier
 from dallekit.evaluation.metrics import exact_copy_rate, frechet_distance, near_copy_rate, prompt_adherence
-from dallekit.evaluation.scorer_metrics import judge_images, load_or_train_scorer
+from dallekit.evaluation.scorer_metrics import judge_images
 from dallekit.scorer import TextImageScorer
-from dallekit.data import DataConfig, decode_pairs, load_text_image_dataset
+from stage1_dvae import DVAEModel
 
-if TYPE_CHECKING:
-    from pipelines import TextToImagePipeline
+
+class Pipeline(Protocol):
+    """What `evaluate_pipeline` uses of a text-to-image pipeline (`pipelines.TextToImagePipeline`, a layer above)."""
+
+    vqvae: DVAEModel
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def __call__(self, prompt: list[str], *, guidance_scale: float, generator: torch.Generator, num_candidates: int,
+                 output_type: Literal["pt"], progress: bool) -> Any: ...
 
 
 @torch.no_grad()
 def evaluate_pipeline(
-    pipe: TextToImagePipeline,
+    pipe: Pipeline,
     dataset: str | DataConfig = "digits",
     guidance_scales: Sequence[float] = (1.0, 3.0, 5.0),
     seed: int = 0,
@@ -37,8 +47,9 @@ def evaluate_pipeline(
     max_prompts: int | None = None,
     num_candidates: int = 1,
     classifier: ImageClassifier | None = None,
-    scorer: TextImageScorer | None = None,
     progress: bool = True,
+    *,
+    scorer: TextImageScorer,
 ) -> dict[str, Any]:
     """Generation metrics of `pipe` on `dataset` per guidance scale, JSON-serialisable.
 
@@ -46,8 +57,8 @@ def evaluate_pipeline(
     `DataConfig` (e.g. with `caption_languages`; its image size is the pipeline's). Prompts are
     its validation captions (the first `max_prompts`, or all), one image each (the best of
     `num_candidates` by the pipeline's own scorer, `pipe.scorer`, when more than one); every scale samples
-    with a generator seeded by `seed`. The scorer is `load_or_train_scorer(dataset, image_size)`
-    (the evaluation scorer, never a reranking one) unless given; the classifier, for a dataset with
+    with a generator seeded by `seed`. `scorer` is the evaluation scorer (never a reranking one:
+    `pipelines.judges.load_or_train_judge` trains one); the classifier, for a dataset with
     class-label columns (digits, shapes) only, is `load_or_train_classifier(dataset, image_size)`
     unless given. Returns::
 
@@ -98,15 +109,13 @@ def evaluate_pipeline(
         )
     if classes and classifier is None:
         classifier = load_or_train_classifier(dataset, image_size)
-    if scorer is None:
-        scorer = load_or_train_scorer(data, image_size)
     if scorer.model.config.image_size != image_size:
         raise ValueError(
             f"the scorer reads {scorer.model.config.image_size}px images but the pipeline makes {image_size}px ones: "
             f"pass a scorer trained at {image_size}px, or none"
         )
     train_pixels = decode_pairs(splits["train"], image_size).pixel_values
-    validation_pixels, validation_texts, _ = decode_pairs(splits["validation"], image_size)
+    validation_pixels, validation_texts, *_ = decode_pairs(splits["validation"], image_size)
     device = next(pipe.vqvae.parameters()).device
     train_codes = torch.cat([pipe.vqvae.encode(batch.to(device)).cpu() for batch in train_pixels.split(batch_size)])
     real_scores, validation_scorer_features = judge_images(

@@ -1,9 +1,9 @@
-"""Reconstruction metrics of a stage-1 tokenizer: MSE, PSNR, codebook usage, perplexity, Fréchet distance."""
+"""The classifier's judgement of a stage-1 tokenizer's reconstructions (Fréchet distance, class accuracy).
+
+MSE, PSNR and codebook usage are the tokenizer's own (`stage1_dvae.metrics`)."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,57 +17,6 @@ from dallekit.evaluation.classifier import (
     load_or_train_classifier,
 )
 from dallekit.evaluation.metrics import frechet_distance
-
-
-def mse(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean squared error on the [0, 1] pixel scale of images given in [-1, 1]."""
-    return ((reconstruction.float() - target.float()) / 2).pow(2).mean().item()
-
-
-def psnr_from_mse(mean_squared_error: float) -> float:
-    """Peak signal-to-noise ratio in dB for pixels in [0, 1]."""
-    return 10 * math.log10(1.0 / max(mean_squared_error, 1e-12))
-
-
-def codebook_statistics(code_counts: torch.Tensor) -> dict[str, float]:
-    """Usage (share of the K codes seen at least once) and perplexity (exp entropy) of a code histogram."""
-    counts = code_counts.double()
-    probs = counts / counts.sum().clamp_min(1)
-    entropy = -(probs * probs.clamp_min(1e-30).log()).sum().item()
-    return {"codebook_usage": (counts > 0).double().mean().item(), "perplexity": math.exp(entropy)}
-
-
-@torch.no_grad()
-def evaluate_tokenizer(model, batches: Iterable[torch.Tensor]) -> dict[str, float]:
-    """MSE, PSNR, codebook usage and perplexity of `model` over batches of pixels [B, C, H, W] in [-1, 1].
-
-    The tokenizer is evaluated as it is used by stage 2: deterministic codes, then `decode(codes)`.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    squared_error, num_values, num_images = 0.0, 0, 0
-    counts = torch.zeros(model.config.codebook_size, dtype=torch.long)
-    for pixel_values in batches:
-        if pixel_values.shape[0] == 0:
-            continue
-        pixel_values = pixel_values.to(device)
-        codes = model.encode(pixel_values)
-        reconstruction = model.decode(codes)
-        squared_error += ((reconstruction.float() - pixel_values.float()) / 2).pow(2).sum().item()
-        num_values += pixel_values.numel()
-        num_images += pixel_values.shape[0]
-        counts += torch.bincount(codes.flatten().cpu(), minlength=model.config.codebook_size)
-    model.train(was_training)
-    if num_images == 0:
-        raise ValueError("no images to evaluate: the evaluation split is empty or every image was unreadable")
-    mean_squared_error = squared_error / num_values
-    return {
-        "mse": mean_squared_error,
-        "psnr": psnr_from_mse(mean_squared_error),
-        **codebook_statistics(counts),
-        "num_images": num_images,
-    }
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ class ScorerConfig(PreTrainedConfig):
     Images are `image_size`² pixels in [-1, 1]. The image encoder has one level per entry of
     `image_channels`: the first keeps the resolution, each later one halves it; its last feature
     map is pooled to an `image_pool_size`² grid (a grid, not one vector: "on the left" is about where).
-    Captions are `text_len` ids of the byte-level BPE of `stage2_prior.text_tokenizer`
+    Captions are `text_len` ids of the byte-level BPE of `dallekit.text_tokenizer`
     (`[tokens, <eos>, <pad>, ...]`), read by a CLIP text transformer. Both sides are projected to
     `projection_dim` and l2-normalised.
     """

@@ -36,8 +36,8 @@ from transformers import CLIPTextModel
 from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 from transformers.utils import ModelOutput
 
+from dallekit.modeling_utils import StrictPreTrainedModel
 from dallekit.scorer.configuration_scorer import ScorerConfig
-from dallekit.training.pretrained import StrictPreTrainedModel
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp of exp(logit_scale): a temperature no lower than 0.01
 

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from dallekit.scorer.modeling_scorer import ScorerModel
-from stage2_prior.text_tokenizer import encode_captions
+from dallekit.text_tokenizer import encode_captions
 
 
 def unique_captions(captions: Sequence[str], tokenizer: PreTrainedTokenizerFast) -> tuple[list[str], torch.Tensor]:

@@ -1,52 +1,41 @@
-"""Train the contrastive text–image scorer on a dataset's training pairs.
+"""The contrastive text–image scorer's recipe for the one training loop (`dallekit.training.loop`).
 
     accelerate launch -m dallekit.scorer.train --config configs/scorer/digits.yaml [--key value ...]
 
-Trains a BPE caption tokenizer on the training captions, decodes every image once, then trains a
-`ScorerModel` with the symmetric InfoNCE loss on the training split's (image, caption) pairs,
-each image randomly shifted by up to `max_shift` pixels. Every `eval_every` steps it measures, on
-the validation split, the contrastive loss over all pairs at once (the selection metric) and
-image→text / text→image retrieval top-1 and top-5 over the distinct captions
-(`scorer.retrieval_accuracy`). Writes checkpoints (`--resume_from_checkpoint latest`), TensorBoard
-logs, the best weights so far `output_dir/best`, and the export `output_dir/scorer` (model and
-tokenizer, for `TextImageScorer.from_pretrained`) and `metrics.json`.
+What is the scorer's own: a BPE caption tokenizer trained on the training captions, every image
+decoded once, the symmetric InfoNCE loss on the training split's (image, caption) pairs (each image
+randomly shifted by up to `max_shift` pixels, drawn from the micro-batch's position so a resumed run
+draws the same), and its validation: the contrastive loss over all held-out pairs at once (the
+selection metric) and image→text / text→image retrieval top-1 and top-5 over the distinct captions
+(`scorer.retrieval_accuracy`). The export `output_dir/scorer` holds model and tokenizer
+(`TextImageScorer.from_pretrained`). The loop writes checkpoints, logs, `best/` and `metrics.json`.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from accelerate.logging import get_logger
+from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
+from dallekit.data import DataConfig, decode_pairs, load_text_image_dataset, training_captions
+from dallekit.data.transforms import random_shift
 from dallekit.scorer.configuration_scorer import ScorerConfig
 from dallekit.scorer.modeling_scorer import ScorerModel
 from dallekit.scorer.scoring import TextImageScorer, retrieval_accuracy, unique_captions
-from stage2_prior.text_tokenizer import encode_captions, train_text_tokenizer
-from dallekit.data import DataConfig, decode_pairs, load_text_image_dataset, training_captions
-from dallekit.data.transforms import random_shift
-from dallekit.training.accelerator import create_accelerator, finish_training
-from dallekit.training.checkpointing import CheckpointManager, TrainState, resolve_checkpoint
+from dallekit.text_tokenizer import encode_captions, train_text_tokenizer
 from dallekit.training.config import (
     PRIOR_ONLY_GRADIENT_CHECKPOINTING,
     ConfigError,
     TrainingConfig,
     run_from_command_line,
-    to_dict,
 )
-from dallekit.training.data import iterate_batches
-from dallekit.training.optim import create_lr_scheduler, create_optimizer
-from dallekit.training.reporting import flat_hparams, format_metrics
-from dallekit.training.selection import BEST_MODEL_DIR, BestModelSelector
-
-logger = get_logger(__name__)
+from dallekit.training.loop import StepOutput, TrainingTask
+from dallekit.training.loop import train as train_task
 
 
 def _default_training() -> TrainingConfig:
@@ -87,153 +76,95 @@ def augmentation_generator(seed: int, process_index: int, micro_batch: int) -> t
     return torch.Generator().manual_seed(int(state))
 
 
-@torch.no_grad()
-def validate(
-    model: ScorerModel, pixel_values: torch.Tensor, text_ids: torch.Tensor, caption_ids: torch.Tensor,
-    caption_index: torch.Tensor, batch_size: int,
-) -> dict[str, float]:
-    """Contrastive loss over all N held-out pairs at once, and retrieval over the T distinct captions.
+class ScorerTask(TrainingTask[ScorerTrainConfig]):
+    """The dual encoder: symmetric InfoNCE over each batch's pairs, selected by the held-out contrastive loss."""
 
-    `text_ids` [N, L] are the pairs' captions, `caption_ids` [T, L] the distinct ones and
-    `caption_index` [N] each pair's caption among them.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    image_embeds = torch.cat([model.get_image_features(b.to(device)) for b in pixel_values.split(batch_size)])
-    text_embeds = torch.cat([model.get_text_features(b.to(device)) for b in text_ids.split(batch_size)])
-    caption_embeds = torch.cat([model.get_text_features(b.to(device)) for b in caption_ids.split(batch_size)])
-    loss, _ = model.contrastive_loss(image_embeds, text_embeds)
-    model.train(was_training)
-    retrieval = retrieval_accuracy((image_embeds @ caption_embeds.T).float().cpu(), caption_index)
-    return {"loss": loss.item(), **retrieval, "logit_scale": model.temperature_scale.item()}
+    name = "scorer"
+    metric = "loss"
+
+    def setup(self, accelerator: Accelerator) -> None:
+        config = self.config
+        splits = load_text_image_dataset(config.data)
+        self.tokenizer = train_text_tokenizer(training_captions(splits["train"]), config.model.text_vocab_size,
+                                              config.model.text_len)
+        config.model.text_vocab_size = len(self.tokenizer)
+        config.model.pad_token_id = self.tokenizer.pad_token_id
+        config.model.bos_token_id = self.tokenizer.bos_token_id
+        config.model.eos_token_id = self.tokenizer.eos_token_id
+        train = decode_pairs(splits["train"], config.data.image_size)
+        validation = decode_pairs(splits["validation"], config.data.image_size)
+        self.num_skipped = train.num_skipped + validation.num_skipped
+        self.train_pixels = train.pixel_values
+        # One pair per caption of each image (several with aliases or caption languages), the image shared by index.
+        self.image_index = torch.tensor([index for index, captions in enumerate(train.captions) for _ in captions])
+        self.train_texts = [caption for captions in train.captions for caption in captions]
+        if len(self.train_texts) < self.run.batch_size:
+            raise ConfigError(
+                f"the training split has {len(self.train_texts)} readable pairs, fewer than training.batch_size "
+                f"{self.run.batch_size}: lower training.batch_size"
+            )
+        self.validation_pixels = validation.pixel_values
+        self.validation_ids = encode_captions(self.tokenizer, validation.texts, config.model.text_len)
+        captions, self.caption_index = unique_captions(validation.texts, self.tokenizer)
+        self.caption_ids = encode_captions(self.tokenizer, captions, config.model.text_len)
+
+    def build_model(self) -> ScorerModel:
+        return ScorerModel(self.config.model)
+
+    def train_loader(self) -> DataLoader:
+        pairs = TensorDataset(self.image_index, encode_captions(self.tokenizer, self.train_texts,
+                                                                self.config.model.text_len))
+        return DataLoader(pairs, batch_size=self.run.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.run.num_workers, generator=torch.Generator().manual_seed(self.run.seed))
+
+    def validation_loader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.validation_pixels, self.validation_ids), batch_size=self.run.batch_size)
+
+    def prepare(self, accelerator: Accelerator, model: torch.nn.Module) -> None:
+        self.scorer: ScorerModel = accelerator.unwrap_model(model, keep_torch_compile=False)
+        self.process_index = accelerator.process_index
+
+    def training_step(self, model: torch.nn.Module, batch: list[torch.Tensor], step: int,
+                      micro_batch: int) -> StepOutput:
+        indices, text_ids = batch
+        pixel_values = self.train_pixels[indices.cpu()].to(text_ids.device)
+        if self.config.max_shift:
+            generator = augmentation_generator(self.run.seed, self.process_index, micro_batch)
+            pixel_values = random_shift(pixel_values, self.config.max_shift, generator)
+        output = model(pixel_values, text_ids)
+        return StepOutput(loss=output.loss, terms={"logit_scale": self.scorer.temperature_scale.detach()},
+                          num_examples=text_ids.shape[0])
+
+    @torch.no_grad()
+    def validate(self, model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
+        """Contrastive loss over all N held-out pairs at once, and retrieval over the T distinct captions."""
+        scorer = self.scorer
+        was_training = scorer.training
+        scorer.eval()
+        image_embeds, text_embeds = [], []
+        for pixel_values, text_ids in loader:  # each process its share, gathered in order
+            image_embeds.append(accelerator.gather_for_metrics(scorer.get_image_features(pixel_values)))
+            text_embeds.append(accelerator.gather_for_metrics(scorer.get_text_features(text_ids)))
+        image_embeds, text_embeds = torch.cat(image_embeds), torch.cat(text_embeds)
+        caption_embeds = torch.cat([scorer.get_text_features(ids.to(accelerator.device))
+                                    for ids in self.caption_ids.split(self.run.batch_size)])
+        loss, _ = scorer.contrastive_loss(image_embeds, text_embeds)
+        scorer.train(was_training)
+        retrieval = retrieval_accuracy((image_embeds @ caption_embeds.T).float().cpu(), self.caption_index)
+        return {"loss": loss.item(), **retrieval, "logit_scale": scorer.temperature_scale.item()}
+
+    def export(self, model: ScorerModel, output_dir: Path) -> Path:
+        TextImageScorer(model, self.tokenizer).save_pretrained(output_dir / "scorer")
+        return output_dir / "scorer"
+
+    def push_to_hub(self, model: ScorerModel, repo_id: str, message: str) -> None:
+        model.push_to_hub(repo_id, commit_message=message)
+        self.tokenizer.push_to_hub(repo_id, commit_message=message)
 
 
-def train(config: ScorerTrainConfig) -> dict[str, float]:
-    """Run scorer training to `training.max_steps` (or an early stop); returns the exported scorer's metrics."""
-    run = config.training
-    accelerator = create_accelerator(run, project_name="scorer")
-    output_dir = Path(run.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-
-    splits = load_text_image_dataset(config.data)
-    tokenizer = train_text_tokenizer(training_captions(splits["train"]), config.model.text_vocab_size,
-                                     config.model.text_len)
-    config.model.text_vocab_size = len(tokenizer)
-    config.model.pad_token_id = tokenizer.pad_token_id
-    config.model.bos_token_id = tokenizer.bos_token_id
-    config.model.eos_token_id = tokenizer.eos_token_id
-    train_pixels, _, train_captions = decode_pairs(splits["train"], config.data.image_size)
-    # One pair per caption of each image (several with aliases or caption languages), the image shared by index.
-    image_index = torch.tensor([index for index, captions in enumerate(train_captions) for _ in captions])
-    train_texts = [caption for captions in train_captions for caption in captions]
-    if len(train_texts) < run.batch_size:
-        raise ConfigError(
-            f"the training split has {len(train_texts)} readable pairs, fewer than training.batch_size "
-            f"{run.batch_size}: lower training.batch_size"
-        )
-    validation_pixels, validation_texts, _ = decode_pairs(splits["validation"], config.data.image_size)
-    captions, caption_index = unique_captions(validation_texts, tokenizer)
-    validation_ids = encode_captions(tokenizer, validation_texts, config.model.text_len)
-    caption_ids = encode_captions(tokenizer, captions, config.model.text_len)
-    train_loader = DataLoader(
-        TensorDataset(image_index, encode_captions(tokenizer, train_texts, config.model.text_len)),
-        batch_size=run.batch_size, shuffle=True, drop_last=True, num_workers=run.num_workers,
-        generator=torch.Generator().manual_seed(run.seed),
-    )
-
-    model = ScorerModel(config.model)
-    optimizer = create_optimizer(model, run)
-    lr_scheduler = create_lr_scheduler(optimizer, run)  # stepped by hand once per optimiser step
-    state = TrainState()
-    accelerator.register_for_checkpointing(lr_scheduler, state)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    checkpoints = CheckpointManager(accelerator, output_dir, run.checkpoints_total_limit, carry=[BEST_MODEL_DIR])
-    resume_path = resolve_checkpoint(run.resume_from_checkpoint, output_dir)
-    if resume_path is not None:
-        checkpoints.load(resume_path)
-    if run.report_to != "none":
-        accelerator.init_trackers("scorer", config=flat_hparams(config))
-
-    unwrapped: ScorerModel = accelerator.unwrap_model(model, keep_torch_compile=False)  # validation, export
-    selector = BestModelSelector(accelerator, unwrapped, state, run, metric="loss")
-
-    def validation_metrics() -> dict[str, float]:
-        return validate(unwrapped, validation_pixels, validation_ids, caption_ids, caption_index, run.batch_size)
-
-    images_per_step = run.batch_size * accelerator.num_processes * run.gradient_accumulation_steps
-    progress = tqdm(total=run.max_steps, initial=state.step, desc="scorer", unit="step",
-                    disable=not (run.progress and accelerator.is_local_main_process))
-    micro_batch = state.step * run.gradient_accumulation_steps
-    batches = iterate_batches(accelerator, train_loader, start=micro_batch)
-    window_start, window_steps, run_start, run_start_step = time.perf_counter(), 0, time.perf_counter(), state.step
-    model.train()
-    while state.step < run.max_steps and not selector.should_stop:
-        indices, text_ids = next(batches)
-        pixel_values = train_pixels[indices.cpu()].to(text_ids.device)
-        if config.max_shift:
-            generator = augmentation_generator(run.seed, accelerator.process_index, micro_batch)
-            pixel_values = random_shift(pixel_values, config.max_shift, generator)
-        micro_batch += 1
-        with accelerator.accumulate(model):
-            output = model(pixel_values, text_ids)
-            accelerator.backward(output.loss)
-            if accelerator.sync_gradients and run.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(model.parameters(), run.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue
-
-        lr_scheduler.step()
-        state.step += 1
-        state.images_seen += images_per_step
-        window_steps += 1
-        progress.update(1)
-        if state.step % run.log_every == 0 or state.step == run.max_steps:
-            loss = accelerator.reduce(output.loss.detach(), "mean").item()
-            logs = {"train/loss": loss, "train/lr": lr_scheduler.get_last_lr()[0],
-                    "train/logit_scale": unwrapped.temperature_scale.item(),
-                    "train/images_per_second": window_steps * images_per_step / (time.perf_counter() - window_start)}
-            accelerator.log(logs, step=state.step)
-            progress.set_postfix(loss=f"{loss:.3f}", img_s=f"{logs['train/images_per_second']:.0f}")
-            if progress.disable:
-                logger.info("step %d: %s", state.step,
-                            format_metrics({k.removeprefix("train/"): v for k, v in logs.items()}))
-            window_start, window_steps = time.perf_counter(), 0
-        if state.step % run.eval_every == 0 or state.step == run.max_steps:
-            metrics = None
-            if accelerator.is_main_process:
-                metrics = validation_metrics()
-                accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=state.step)
-                logger.info("step %d validation: %s", state.step, format_metrics(metrics))
-            selector.update(metrics)
-        if state.step % run.checkpointing_steps == 0 or state.step == run.max_steps or selector.should_stop:
-            checkpoints.save(state.step)
-    progress.close()
-
-    seconds = time.perf_counter() - run_start
-    metrics = {}
-    if accelerator.is_main_process:
-        selector.load_best()
-        trained = state.step - run_start_step
-        metrics = validation_metrics() | {
-            "step": state.step, "train_seconds": seconds,
-            "train_images_per_second": trained * images_per_step / seconds if trained else 0.0,
-        } | selector.summary()
-        TextImageScorer(unwrapped, tokenizer).save_pretrained(output_dir / "scorer")
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        logger.info("final validation: %s; scorer (weights of step %d) saved to %s",
-                    format_metrics(metrics), selector.export_step, output_dir / "scorer")
-        if run.push_to_hub:
-            message = f"text-image scorer, step {selector.export_step}"
-            unwrapped.push_to_hub(run.hub_model_id, commit_message=message)
-            tokenizer.push_to_hub(run.hub_model_id, commit_message=message)
-    accelerator.wait_for_everyone()
-    finish_training(accelerator)
-    return metrics
+def train(config: ScorerTrainConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
+    """Train the scorer to `training.max_steps` (or an early stop); returns the run's `metrics.json`."""
+    return train_task(ScorerTask(config), accelerator)
 
 
 def main(argv: list[str] | None = None) -> None:

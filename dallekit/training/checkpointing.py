@@ -29,9 +29,13 @@ class TrainState:
     """Counters that must survive a resume; registered with accelerate so `save_state` stores them."""
 
     step: int = 0
+    micro_batches: int = 0  # the data position: micro-batches consumed, skipped ones included
     images_seen: int = 0
-    num_skipped: int = 0
-    # model selection (training.selection): the best and the latest validation metric, and the wait since the best
+    tokens_seen: int = 0
+    num_skipped: int = 0  # unreadable images dropped from training batches
+    train_seconds: float = 0.0  # training time of the runs before the last resume
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # every validation: step, seconds, metrics
+    # model selection (training.loop.ModelSelection): the best and the latest validation metric, and the wait since the best
     best_metric: float | None = None
     best_step: int | None = None
     last_metric: float | None = None

@@ -3,26 +3,48 @@
 A run config is a dataclass whose fields are plain values or nested dataclass sections
 (`data`, `model`, `training`, ...). `load_config` reads `--config file.yaml`, applies command-line
 overrides (`--training.learning_rate 3e-4`, or `--learning_rate 3e-4` when the name is unique),
-and builds the dataclass tree, failing before any work starts with a message that names the key,
-the value and what is allowed.
+and builds the dataclass tree, failing before any work starts with a one-line message that names
+the key, the value and what is allowed.
+
+The values are checked by pydantic (v2): one `TypeAdapter` per field annotation validates
+Literal, unions, Optional and containers, in strict mode on JSON data (YAML values are JSON-shaped:
+lists for tuples, strings for paths), whose rules are this module's: an `int` rejects floats, bools
+and numeric strings, a `float` takes ints, a `str` takes only strings. YAML floats are read as in
+YAML 1.2 (`1e-4`, without a dot, is a float, not YAML 1.1's string). A command-line value is kept
+as written where the field takes that string (`--mixed_precision no`), else read as YAML.
+
+Why pydantic rather than draccus: draccus owns the command line (argparse, its own override
+syntax, no unique-leaf shortcut, no YAML values per key) and would need decoders for transformers'
+configs, while pydantic is only the validator, is widely used and maintained, and is installed
+anyway (gradio needs it). Pydantic does not build the tree itself: it silently drops unknown keys of
+stdlib dataclasses (here they fail, with close matches), and transformers configs
+(`PreTrainedConfig` dataclasses with huggingface_hub's `@strict`) must be built by their own
+`__init__` from their own fields only. So `build_dataclass` walks the sections, checks the keys,
+validates each value with pydantic and calls `cls(**values)`, turning errors from `__post_init__`
+into a `ConfigError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import inspect
 import logging
+import re
 import sys
 import types
 import typing
-from pathlib import Path
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar, Union
-
-import yaml
-from accelerate.state import PartialState
 from importlib.resources import files
 from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import pydantic
+import yaml
+from accelerate.state import PartialState
+from huggingface_hub.errors import StrictDataclassError
 
 T = TypeVar("T")
 
@@ -31,31 +53,45 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message says which key and how to fix it."""
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    """Resolved annotations of the init fields of dataclass `cls` (Any where one cannot be resolved)."""
-    try:
-        hints = typing.get_type_hints(cls)
-    except NameError:  # a base class annotates with names its module imports lazily (transformers configs)
-        hints = {}
-        for klass in reversed(cls.__mro__):
-            namespace = vars(sys.modules[klass.__module__])
-            for name, annotation in vars(klass).get("__annotations__", {}).items():
-                try:
-                    hints[name] = typing._eval_type(typing.ForwardRef(annotation), namespace, None) if isinstance(
-                        annotation, str) else annotation
-                except Exception:
-                    hints[name] = Any
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `1e-4` as a float like YAML 1.2 (YAML 1.1 wants a dot: `1.0e-4`)."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YAMLLoader)  # a SafeLoader: plain data only
+
+
+def _section_type(tp: Any) -> type | None:
+    """The dataclass of a section field (`DataConfig`, or `DataConfig | None`), None for a plain value."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        (tp, *others) = [option for option in typing.get_args(tp) if option is not type(None)]
+        if others:
+            return None
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
 
 
 def _user_fields(cls: type) -> dict[str, Any]:
-    """The fields a config file sets: all of a plain dataclass, a transformers config's own fields only."""
-    own: set[str] = set()
+    """The fields a config file sets and their types: all of a plain dataclass, a transformers config's own only.
+
+    The annotations of the classes below the first transformers class in the MRO (`PreTrainedConfig`'s
+    own fields, such as `return_dict`, are not ours to set), evaluated in their modules.
+    """
+    annotations: dict[str, Any] = {}
     for klass in cls.__mro__:
-        if klass.__module__.startswith("transformers"):
+        if klass.__module__.split(".")[0] == "transformers" or klass is object:
             break
-        own |= set(vars(klass).get("__annotations__", {}))
-    return {name: tp for name, tp in _field_types(cls).items() if name in own}
+        annotations = {**inspect.get_annotations(klass, eval_str=True), **annotations}
+    return {f.name: annotations[f.name] for f in dataclasses.fields(cls) if f.init and f.name in annotations}
+
+
+@functools.cache
+def _adapter(tp: Any) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(tp)
 
 
 def _describe(tp: Any) -> str:
@@ -64,8 +100,12 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin in (list, tuple, set) and typing.get_args(tp):
+        return f"{origin.__name__} of {_describe(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "null"
+    if tp is Any:
+        return "any value"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -73,91 +113,85 @@ class _CommandLineValue(str):
     """An override's raw text: read as a string where the field takes one, else parsed as YAML."""
 
 
-def _accepts_string(tp: Any, value: str) -> bool:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        return any(_accepts_string(option, value) for option in typing.get_args(tp))
-    return tp is str
+_AS_JSON = pydantic.TypeAdapter(Any, config=pydantic.ConfigDict(ser_json_inf_nan="constants"))  # .nan, .inf too
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`, converting only where lossless (int -> float)."""
+def _check(adapter: pydantic.TypeAdapter, value: Any) -> Any:
+    """Pydantic's strict validation of JSON data: YAML values are JSON-shaped (lists for tuples, strings for paths)."""
+    return adapter.validate_json(_AS_JSON.dump_json(value), strict=True)
+
+
+def _validate(value: Any, tp: Any, key: str) -> Any:
+    """`value` checked against the annotation `tp` by pydantic in strict mode (int -> float the only conversion)."""
+    adapter = _adapter(tp)
     if isinstance(value, _CommandLineValue):
-        if _accepts_string(tp, value) and value.lower() not in ("null", "none", "~"):
-            return str(value)
-        value = yaml.safe_load(value)
-    if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-    elif origin in (Union, types.UnionType):
-        for option in typing.get_args(tp):
+        if tp is not Any and value.lower() not in ("null", "none", "~"):
             try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-    elif origin in (list, tuple):
-        if isinstance(value, (list, tuple)):
-            (item_type, *_) = typing.get_args(tp) or (Any,)
-            return type(value)(_coerce(v, item_type, key) for v in value) if origin is tuple else [
-                _coerce(v, item_type, key) for v in value
-            ]
-    elif origin is dict or tp is dict:
-        if isinstance(value, dict):
-            return value
-    elif dataclasses.is_dataclass(tp):
-        if isinstance(value, dict):
-            return build_dataclass(tp, value, prefix=f"{key}.")
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
+                return _check(adapter, str(value))
+            except pydantic.ValidationError:
                 pass
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected {_describe(tp)}")
+        value = _load_yaml(value)
+    detail = ""
+    try:
+        return _check(adapter, value)
+    except pydantic.ValidationError as error:  # where in a list or mapping, unless the union's options differ there
+        first = error.errors(include_url=False)[0]
+        if first["loc"] and typing.get_origin(tp) not in (Union, types.UnionType):
+            detail = f" ({key}{''.join(f'[{part!r}]' for part in first['loc'])}: {first['msg']})"
+    except ValueError:  # not YAML data (pydantic cannot write it as JSON): a Python object given to build_dataclass
+        pass
+    raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected {_describe(tp)}{detail}")
+
+
+def _one_line(error: Exception) -> str:
+    """The message of a validation error on one line (huggingface_hub's strict errors wrap the cause in two)."""
+    if isinstance(error, StrictDataclassError) and error.__cause__ is not None:
+        error = error.__cause__
+    return " ".join(str(error).split())
 
 
 def build_dataclass(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass `cls` from a (possibly nested) dict, rejecting unknown keys and bad types."""
-    types_by_name = _field_types(cls)
+    fields = _user_fields(cls)
     kwargs = {}
     for key, value in values.items():
-        if key not in types_by_name:
-            close = difflib.get_close_matches(key, list(types_by_name), n=3)
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3)
             hint = f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
             raise ConfigError(
                 f"unknown config key '{prefix}{key}' for {cls.__name__}.{hint} "
-                f"Allowed keys: {', '.join(sorted(types_by_name))}."
+                f"Allowed keys: {', '.join(sorted(fields))}."
             )
-        kwargs[key] = _coerce(value, types_by_name[key], prefix + key)
+        tp, section = fields[key], _section_type(fields[key])
+        if section is None:
+            kwargs[key] = _validate(value, tp, prefix + key)
+            continue
+        if isinstance(value, _CommandLineValue):
+            value = _load_yaml(value)
+        if value is None and section is not tp:  # an optional section
+            kwargs[key] = None
+        elif isinstance(value, dict):
+            kwargs[key] = build_dataclass(section, value, prefix=f"{prefix}{key}.")
+        else:
+            raise ConfigError(
+                f"config key '{prefix}{key}' = {value!r} is invalid: expected a section (a mapping of "
+                f"{section.__name__} keys{' or null' if section is not tp else ''}), or set one key such as "
+                f"--{prefix}{key}.{next(iter(_user_fields(section)), '')}"
+            )
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except Exception as error:  # validation in __post_init__ (ours or transformers' strict configs)
-        raise ConfigError(f"invalid {prefix.rstrip('.') or cls.__name__} config: {error}") from error
+        raise ConfigError(f"invalid {prefix.rstrip('.') or cls.__name__} config: {_one_line(error)}") from error
 
 
 def _leaf_paths(cls: type, prefix: str = "") -> dict[str, list[str]]:
     """Map every leaf key name to the dotted paths where it occurs in the dataclass tree."""
     paths: dict[str, list[str]] = {}
     for name, tp in _user_fields(cls).items():
-        if dataclasses.is_dataclass(tp):
-            for leaf, found in _leaf_paths(tp, f"{prefix}{name}.").items():
+        if (section := _section_type(tp)) is not None:
+            for leaf, found in _leaf_paths(section, f"{prefix}{name}.").items():
                 paths.setdefault(leaf, []).extend(found)
         else:
             paths.setdefault(name, []).append(prefix + name)
@@ -172,8 +206,8 @@ def parse_overrides(args: list[str]) -> dict[str, str | None]:
         arg = args[i]
         if not arg.startswith("--") or len(arg) == 2:
             raise ConfigError(f"unexpected argument {arg!r}: overrides look like --key value or --key=value")
-        key = arg[2:].replace("-", "_")
-        if "=" in key:
+        key = arg[2:]
+        if "=" in key:  # `--key=value`: the value as written (dashes and all)
             key, value = key.split("=", 1)
             i += 1
         elif i + 1 < len(args) and not args[i + 1].startswith("--"):
@@ -182,7 +216,7 @@ def parse_overrides(args: list[str]) -> dict[str, str | None]:
         else:
             value = None
             i += 1
-        overrides[key] = value
+        overrides[key.replace("-", "_")] = value
     return overrides
 
 
@@ -242,7 +276,7 @@ def load_config(cls: type[T], args: list[str] | None = None) -> T:
     tree: dict[str, Any] = {}
     config_path = overrides.pop("config", None)
     if config_path is not None:
-        loaded = yaml.safe_load(read_config_file(config_path).read_text()) or {}
+        loaded = _load_yaml(read_config_file(config_path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {config_path!r} must hold a mapping of keys to values")
         tree = loaded
@@ -345,8 +379,8 @@ def describe(cls: type, prefix: str = "") -> str:
     lines = [] if prefix else [f"usage: --config FILE.yaml [--key value ...]; keys of {cls.__name__}:"]
     defaults = cls()
     for name, tp in _user_fields(cls).items():
-        if dataclasses.is_dataclass(tp):
-            lines.append(describe(tp, f"{prefix}{name}."))
+        if (section := _section_type(tp)) is not None:
+            lines.append(describe(section, f"{prefix}{name}."))
         else:
             lines.append(f"  --{prefix}{name}  ({_describe(tp)}, default {getattr(defaults, name, None)!r})")
     return "\n".join(lines)

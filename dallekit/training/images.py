@@ -9,11 +9,7 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
-
-def to_uint8(pixel_values: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
-    pixels = ((pixel_values.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return rearrange(pixels, "b c h w -> b h w c").numpy()
+from dallekit.modeling_utils import to_uint8
 
 
 def image_grid(

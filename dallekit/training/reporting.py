@@ -1,10 +1,7 @@
-"""Turning metrics and configs into log lines and tracker hyperparameters; timing training proper."""
+"""Turning metrics and configs into log lines and tracker hyperparameters."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from dallekit.training.config import to_dict
@@ -24,23 +21,3 @@ def flat_hparams(config: Any) -> dict[str, float | int | str | bool]:
             if isinstance(value, (int, float, str, bool)):
                 flat[f"{section}.{key}".rstrip(".")] = value
     return flat
-
-
-class TrainingClock:
-    """Wall-clock seconds spent training: time inside `paused()` (validation, grids, checkpoints) is left out."""
-
-    def __init__(self) -> None:
-        self._start = time.perf_counter()
-        self._paused = 0.0
-
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._paused += time.perf_counter() - start
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self._start - self._paused

@@ -12,13 +12,6 @@ def cosine_anneal(step: int, start: float, end: float, steps: int) -> float:
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * step / steps))
 
 
-def exponential_anneal(step: int, start: float, end: float, steps: int) -> float:
-    """Geometric interpolation from `start` to `end` over `steps` (DALL·E's temperature shape)."""
-    if steps <= 0 or step >= steps:
-        return end
-    return start * (end / start) ** (step / steps)
-
-
 def linear_warmup(step: int, value: float, steps: int) -> float:
     """0 at step 0 rising linearly to `value` at `steps`, then constant."""
     if steps <= 0 or step >= steps:

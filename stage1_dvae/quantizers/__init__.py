@@ -11,5 +11,4 @@ from stage1_dvae.quantizers.fsq import FiniteScalarQuantizer
 from stage1_dvae.quantizers.gumbel import GumbelQuantizer
 from stage1_dvae.quantizers.vq import VectorQuantizer
 
-
 __all__ = ["FiniteScalarQuantizer", "GumbelQuantizer", "QuantizerOutput", "VectorQuantizer", "code_perplexity"]

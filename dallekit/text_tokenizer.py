@@ -1,11 +1,12 @@
-"""Caption tokenizer of stage 2: a byte-level BPE trained on the training captions.
+"""The caption tokenizer of the prior, the scorer and the pipeline: a byte-level BPE trained on captions.
 
 Each caption becomes exactly `text_len` ids, `[caption tokens, <eos>, <pad>, ...]`; the prior
 prepends `<bos>` itself. Captions are case-insensitive (NFKC, lower-cased, outer whitespace
 stripped) and any text encodes, unseen words included, because the alphabet is all 256 bytes.
 Special tokens are `<pad>` = 0, `<bos>` = 1, `<eos>` = 2, and literal "<eos>" typed in a caption
 is plain text, never the special token. The tokenizer is a `transformers.PreTrainedTokenizerFast`:
-`save_pretrained` / `AutoTokenizer.from_pretrained` round-trip it.
+`save_pretrained` / `AutoTokenizer.from_pretrained` round-trip it, and its own
+`batch_decode(ids, skip_special_tokens=True)` gives the lower-cased captions back.
 """
 
 from __future__ import annotations
@@ -123,8 +124,3 @@ def encode_captions(
         return_attention_mask=False,
     )
     return encoded["input_ids"]
-
-
-def decode_captions(tokenizer: PreTrainedTokenizerFast, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
-    """Lower-cased caption text of `ids` `[B, L]`, special tokens left out (for logs and sample grids)."""
-    return tokenizer.batch_decode(ids, skip_special_tokens=True)
