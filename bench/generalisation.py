@@ -22,24 +22,22 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_model
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dallekit.data import load_text_image_dataset  # noqa: E402
 from dallekit.evaluation import evaluate_pipeline, load_or_train_classifier  # noqa: E402
 from dallekit.training.checkpointing import list_checkpoints  # noqa: E402
-from dallekit.training.config import load_config  # noqa: E402
+from dallekit.training.config import load_config, recipe_path  # noqa: E402
 from pipelines import TextToImagePipeline  # noqa: E402
+from pipelines.judges import load_or_train_judge  # noqa: E402
 from pipelines.train import RECIPES  # noqa: E402
 from stage1_dvae import DVAEModel  # noqa: E402
 from stage1_dvae.train import Stage1Config  # noqa: E402
 from stage1_dvae.train import train as train_stage1  # noqa: E402
 from stage2_prior import PriorConfig, PriorModel  # noqa: E402
-from stage2_prior.train import Stage2Config, build_datasets, validation_loss  # noqa: E402
+from stage2_prior.train import Stage2Config  # noqa: E402
 from stage2_prior.train import train as train_stage2  # noqa: E402
 
 NO_DROPOUT = ["--attention_dropout", "0", "--residual_dropout", "0", "--embedding_dropout", "0"]
@@ -58,7 +56,7 @@ def stage1_model(args: argparse.Namespace) -> Path:
         return Path(args.stage1_model)
     model_dir = args.output_dir / "stage1" / "model"
     if not model_dir.is_dir():
-        train_stage1(load_config(Stage1Config, ["--config", str(RECIPES[32].stage1), "--output_dir",
+        train_stage1(load_config(Stage1Config, ["--config", str(recipe_path(RECIPES[32].stage1)), "--output_dir",
                                                 str(args.output_dir / "stage1"), "--progress", "false"]))
     return model_dir
 
@@ -67,32 +65,35 @@ def run_variant(name: str, args: argparse.Namespace, stage1_dir: Path) -> list[d
     """Train one variant with a checkpoint every `point_every` steps, then evaluate each checkpoint."""
     output_dir = args.output_dir / name
     config = load_config(Stage2Config, [
-        "--config", str(RECIPES[32].stage2), "--stage1_model", str(stage1_dir), "--output_dir", str(output_dir),
+        "--config", str(recipe_path(RECIPES[32].stage2)), "--stage1_model", str(stage1_dir),
+        "--output_dir", str(output_dir),
         "--max_steps", str(args.max_steps), "--checkpointing_steps", str(args.point_every),
-        "--checkpoints_total_limit", "null", "--early_stopping_patience", "null", "--select_best", "false",
+        "--eval_every", str(args.point_every), "--checkpoints_total_limit", "null",
+        "--early_stopping_patience", "null", "--select_best", "false",
         "--image_every", str(args.max_steps), "--progress", "false", *VARIANTS[name],
     ])
     start = time.time()
-    train_stage2(config)
+    validation = {entry["step"]: entry for entry in train_stage2(config)["history"]}  # the loop's evaluations
 
     vqvae = DVAEModel.from_pretrained(stage1_dir)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(output_dir / "tokenizer")
     prior = PriorModel(PriorConfig.from_pretrained(output_dir / "prior"))
-    splits = build_datasets(config, load_text_image_dataset(config.data), vqvae, tokenizer)
-    validation = DataLoader(splits["validation"], batch_size=256)
     classifier = load_or_train_classifier(config.data.source, vqvae.config.image_size)
+    judge = load_or_train_judge(config.data.source, vqvae.config.image_size)
     points = []
     for checkpoint in list_checkpoints(output_dir / "checkpoints"):
         load_model(prior, checkpoint / "model.safetensors")
         pipe = TextToImagePipeline(vqvae, prior, tokenizer)
         evaluation = evaluate_pipeline(pipe, dataset=config.data.source, guidance_scales=(args.guidance_scale,),
-                                       max_prompts=args.max_prompts, classifier=classifier, progress=False)
+                                       max_prompts=args.max_prompts, classifier=classifier, scorer=judge,
+                                       progress=False)
         scores = evaluation["guidance"][str(float(args.guidance_scale))]
+        step = int(checkpoint.name.removeprefix("step_"))
         point = {
             "variant": name,
-            "step": int(checkpoint.name.removeprefix("step_")),
+            "step": step,
             "minutes": round((checkpoint.stat().st_mtime - start) / 60, 2),
-            **{f"validation_{k}": v for k, v in validation_loss(prior, validation, torch.device("cpu")).items()},
+            **{f"validation_{k}": validation[step][k] for k in ("loss", "text_loss", "image_loss")},
             "adherence": scores["adherence"],
             "exact_copy_rate": scores["exact_copy_rate"],
             "near_copy_rate": scores["near_copy_rate"],

@@ -239,7 +239,7 @@ def test_evaluate_prints_json(demo_run: tuple[Path, Path]) -> None:
         (["evaluate", "--model", "./missing"], "does not exist"),
         (["evaluate", "--model", "./missing", "--dataset", "./no/such/folder"], "is not a built-in dataset"),
         (["demo", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
-        (["demo", "--stage1-config", "configs/dvae/nope.yaml"], "not found"),
+        (["demo", "--stage1-config", "configs/dvae/nope.yaml"], "there is no recipe 'configs/dvae/nope.yaml'; the shipped dvae recipes are: dvae/demo.yaml"),
         (["train", "--data", "./no_such_folder"], "no_such_folder"),
         (["train", "--data", "digits", "--image-size", "48"], "no training recipe for 48px"),
         (["generate", "--model", "tests", "--prompt", "a seven", "--out", "x.png"], "no model_index.json"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import accelerate
@@ -14,6 +15,7 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedType,
     GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
     ProjectConfiguration,
     parse_flag_from_env,
 )
@@ -69,6 +71,7 @@ def create_accelerator(config: TrainingConfig) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         # A seedable sampler makes the data order a function of (the loader generator's seed, epoch): exact resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.process_group_timeout))],
     )
     if accelerator.device.type == "cpu":
         # Soft one-hots at low temperature are full of subnormal floats, which are very slow on CPU.

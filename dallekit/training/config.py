@@ -242,7 +242,7 @@ def recipe_path(name: str | Path) -> Traversable:
         shipped = sorted(f"{folder.name}/{item.name}" for item in folder.iterdir() if item.name.endswith(".yaml")) \
             if folder.is_dir() else []
         raise ConfigError(
-            f"there is no recipe {name!r}" + (f"; the shipped {folder.name} recipes are: {', '.join(shipped)}" if shipped
+            f"there is no recipe {str(name)!r}" + (f"; the shipped {folder.name} recipes are: {', '.join(shipped)}" if shipped
                                                else "; the recipe folders are dvae/, prior/, scorer/ and accelerate/")
         )
     return recipe
@@ -262,8 +262,8 @@ def read_config_file(config_path: str | Path) -> Traversable | Path:
     if path.suffix in (".yaml", ".yml") and not path.is_absolute():
         try:
             return recipe_path(path)
-        except ConfigError:
-            pass
+        except ConfigError as error:
+            raise ConfigError(f"config file {str(config_path)!r} does not exist, and {error}") from None
     raise ConfigError(
         f"config file {str(config_path)!r} does not exist; pass --config with a YAML file, or a shipped recipe "
         "such as configs/dvae/demo.yaml"
@@ -347,10 +347,13 @@ class TrainingConfig:
     push_to_hub: bool = False
     hub_model_id: str | None = None
     progress: bool = True
+    # how long a process waits for the others at a collective (several processes): the main process alone writes
+    # best/, the grids and the export while the others wait; the process group is set up by the first training
+    process_group_timeout: int = 3600  # seconds
 
     def __post_init__(self) -> None:
         positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                    "log_every", "eval_every", "image_every")
+                    "log_every", "eval_every", "image_every", "process_group_timeout")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"training.{name} must be > 0, got {getattr(self, name)}")
