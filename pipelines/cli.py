@@ -98,7 +98,8 @@ def _train(args: argparse.Namespace) -> None:
     overrides = ["--data.caption_languages", f"[{', '.join(args.caption_languages)}]"] if args.caption_languages else []
     try:
         metrics = train_pipeline(data, args.output_dir, args.image_size, args.stage1_config, args.stage2_config,
-                                 args.scorer_config, data_overrides=overrides, max_prompts=args.max_prompts)
+                                 args.scorer_config, data_overrides=overrides, stage_overrides=args.stage_overrides,
+                                 overwrite=args.overwrite, data_license=args.license, max_prompts=args.max_prompts)
     except (ConfigError, FileNotFoundError) as error:
         raise UserError(str(error).splitlines()[0]) from None
     if not metrics:  # another process of an `accelerate launch`: the main one evaluates and reports
@@ -215,6 +216,22 @@ def _serve(args: argparse.Namespace) -> None:
             f"cannot serve on {args.host}:{args.port} ({reason}): choose another --port or --host") from None
 
 
+def split_stage_overrides(args: list[str]) -> dict[str, list[str]]:
+    """`--stage2.training.max_steps 500` (or `=500`) -> {"stage2": ["--training.max_steps", "500"]}; {} when an
+    argument is not a per-stage override."""
+    overrides: dict[str, list[str]] = {}
+    index = 0
+    while index < len(args):
+        stage, dot, key = args[index].removeprefix("--").partition(".")
+        if not args[index].startswith("--") or not dot or not key:
+            return {}
+        values = [args[index + 1]] if "=" not in key and index + 1 < len(args) and not args[index + 1].startswith(
+            "--") else []
+        overrides.setdefault(stage, []).extend([f"--{key}", *values])
+        index += 1 + len(values)
+    return overrides
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrorParser(prog="dallekit", description="DALL·E-style text-to-image: train, sample, evaluate.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -236,7 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  help=f"{stage} YAML config (default: the recipe of the image size)")
         command.add_argument("--max-prompts", type=_positive_int, default=None,
                              help="evaluate on this many validation captions (default: all)")
+        command.add_argument("--overwrite", action="store_true",
+                             help="start over in an output directory that holds another run (removes it); without "
+                                  "it, running again with the same settings resumes where the run stopped")
+        command.add_argument("--license", default=None,
+                             help="the licence of your images (an SPDX id such as cc-by-4.0), for the model card")
         command.set_defaults(run=_train)
+    for command in (demo, train):
+        command.epilog = ("Per-stage config overrides, validated like the YAML: --stage1.training.max_steps 200, "
+                          "--stage2.model.num_hidden_layers 4, --scorer.training.batch_size 32.")
 
     generate = commands.add_parser("generate", help="draw images for prompts into a PNG grid")
     generate.add_argument("--model", required=True, help="directory or Hub id of a saved pipeline")
@@ -289,7 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    args.stage_overrides = split_stage_overrides(extra)
+    if extra and (args.command not in ("train", "demo") or not args.stage_overrides):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         args.run(args)

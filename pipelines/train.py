@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from accelerate import Accelerator
 from accelerate.state import PartialState
 from transformers import PreTrainedTokenizerFast
 
@@ -38,8 +42,9 @@ from dallekit.evaluation.reconstruction import judge_reconstructions
 from dallekit.scorer import TextImageScorer
 from dallekit.scorer.train import ScorerTrainConfig
 from dallekit.scorer.train import train as train_scorer
-from dallekit.training.accelerator import resolve_mixed_precision
-from dallekit.training.config import ConfigError, load_config, recipe_exists, recipe_path
+from dallekit.training.accelerator import create_accelerator, resolve_mixed_precision
+from dallekit.training.checkpointing import list_checkpoints
+from dallekit.training.config import ConfigError, load_config, recipe_exists, recipe_path, to_dict
 from dallekit.training.images import save_image_grid
 from pipelines.judges import load_or_train_judge
 from pipelines.text_to_image import TextToImagePipeline
@@ -50,7 +55,10 @@ from stage2_prior import PriorModel
 from stage2_prior.train import Stage2Config
 from stage2_prior.train import train as train_stage2
 
+logger = logging.getLogger(__name__)
+
 STEPS = 5
+STAGES = ("stage1", "stage2", "scorer")
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,61 @@ def data_licence(data: DataConfig) -> dict[str, str]:
             "attribution": (info.description or "").strip()}
 
 
+RUN_RECORD = "run.yaml"  # what a `dallekit train` output directory was trained with: data, size, the three configs
+
+
+def _first_difference(old: Any, new: Any, path: str = "") -> str | None:
+    """The dotted key where two config trees first differ, with both values, or None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            found = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    return None if old == new else f"{path}: {old!r} there, {new!r} now"
+
+
+def start_or_resume_run(output_dir: Path, record: dict[str, Any], overwrite: bool, accelerator: Accelerator) -> None:
+    """Record this run's configuration in `output_dir/run.yaml`; refuse another run's directory unless `overwrite`
+    (which removes what that run trained)."""
+    path = output_dir / RUN_RECORD
+    earlier = yaml.safe_load(path.read_text()) if path.is_file() else None
+    trained = [name for name in STAGES if (output_dir / name).is_dir()]
+    if not overwrite:
+        if earlier is not None and (difference := _first_difference(earlier, record)):
+            raise ConfigError(f"{output_dir} holds a run with another configuration ({difference}): pass "
+                              "--overwrite to start over, or another --output-dir")
+        if earlier is None and trained:
+            raise ConfigError(f"{output_dir} holds runs ({', '.join(trained)}) of an unknown configuration: pass "
+                              "--overwrite to start over, or another --output-dir")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if overwrite:
+            for name in (*STAGES, "pipeline"):
+                shutil.rmtree(output_dir / name, ignore_errors=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(record, sort_keys=False))
+    accelerator.wait_for_everyone()
+
+
+def finished_metrics(config: Any, export: str) -> dict[str, Any] | None:
+    """A stage an earlier `dallekit train` finished (its export and `metrics.json` written): its metrics."""
+    output_dir = Path(config.training.output_dir)
+    if (output_dir / export).is_dir() and (output_dir / "metrics.json").is_file():
+        logger.info("kept %s: finished by an earlier run (export %s)", output_dir.name, output_dir / export)
+        return json.loads((output_dir / "metrics.json").read_text())
+    return None
+
+
+def resumable(config: Any) -> Any:
+    """`config`, resuming from its last checkpoint where an interrupted earlier run left one."""
+    checkpoints = list_checkpoints(Path(config.training.output_dir) / "checkpoints")
+    if checkpoints:
+        logger.info("resuming %s from its checkpoint %s", Path(config.training.output_dir).name, checkpoints[-1])
+        config.training.resume_from_checkpoint = "latest"
+    return config
+
+
 def check_one_precision(configs: dict[str, Any]) -> None:
     """Fail before training when the stages ask for different mixed precisions: the models of one
     process train under one accelerate process state, hence one precision."""
@@ -165,6 +228,9 @@ def train_pipeline(
     stage2_config: str | Path | None = None,
     scorer_config: str | Path | None = None,
     data_overrides: list[str] | tuple[str, ...] = (),
+    stage_overrides: dict[str, list[str]] | None = None,
+    overwrite: bool = False,
+    data_license: str | None = None,
     guidance_scales: tuple[float, ...] = (1.0, 3.0, 5.0),
     max_prompts: int | None = None,
     images_per_prompt: int = 8,
@@ -176,8 +242,18 @@ def train_pipeline(
     `data` is any `data.source` (a built-in name, an image folder with `metadata.jsonl`, a Hub id);
     `image_size` defaults to the built-in's own size, else 64 (or, when `stage1_config` is given, to
     that config's); configs default to `recipe_for(...)`;
-    `data_overrides` (e.g. `["--data.caption_languages", "[en, es]"]`) apply to every stage.
+    `data_overrides` (e.g. `["--data.caption_languages", "[en, es]"]`) apply to every stage,
+    `stage_overrides` (`{"stage2": ["--training.max_steps", "500"]}`) to one.
+
+    Run again with the same `output_dir`, it resumes: finished stages are kept with their exports, the
+    stage it was in continues from its last checkpoint. Another configuration in the same directory is
+    refused, naming the difference, unless `overwrite` starts the run over.
     """
+    stage_overrides = stage_overrides or {}
+    unknown = set(stage_overrides) - set(STAGES)
+    if unknown:
+        raise ConfigError(f"no stage named {sorted(unknown)[0]!r}: per-stage overrides look like "
+                          f"--stage1.training.max_steps 100 (stages: {', '.join(STAGES)})")
     output_dir = Path(output_dir)
     if data not in BUILTIN_DATASETS:
         check_source_exists(data)  # before any config is read: a mistyped folder is the likeliest mistake
@@ -190,33 +266,39 @@ def train_pipeline(
     scorer_config = Path(scorer_config or recipe.scorer)
     size = ["--data.image_size", str(image_size), "--model.image_size", str(image_size)] if image_size else []
     stage1 = load_config(Stage1Config, ["--config", str(stage1_config), "--data.source", data, *data_overrides,
-                                         *size, "--output_dir", str(output_dir / "stage1")])
+                                         *size, *stage_overrides.get("stage1", []),
+                                         "--output_dir", str(output_dir / "stage1")])
     image_size = stage1.model.image_size  # the given stage-1 config's own, when no size was asked for
     common = ["--data.source", data, "--data.image_size", str(image_size), *data_overrides]
     stage2 = load_config(Stage2Config, ["--config", str(stage2_config), *common,
                                          "--stage1_model", str(output_dir / "stage1" / "model"),
-                                         "--output_dir", str(output_dir / "stage2")])
+                                         *stage_overrides.get("stage2", []), "--output_dir", str(output_dir / "stage2")])
     scorer = load_config(ScorerTrainConfig, ["--config", str(scorer_config), *common,
+                                              *stage_overrides.get("scorer", []),
                                               "--output_dir", str(output_dir / "scorer")])
     if scorer.training.seed == EVALUATION_SEED:
         raise ConfigError(
             f"the reranking scorer's training.seed is {EVALUATION_SEED}, the evaluation scorer's "
             "(evaluation.EVALUATION_SEED): choose another seed, so that the scorer that reranks is not the judge"
         )
-    check_one_precision({"stage 1": stage1, "stage 2": stage2, "scorer": scorer})
+    configs = {"stage1": stage1, "stage2": stage2, "scorer": scorer}
+    check_one_precision(configs)
+    accelerator = create_accelerator(stage1.training)  # the first training's; the others share its process state
+    record = {"data": data, "image_size": image_size} | {name: to_dict(config) for name, config in configs.items()}
+    start_or_resume_run(output_dir, record, overwrite, accelerator)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
 
     _banner(1, f"training the image tokenizer on {data} at {image_size}px ({stage1_config.name})")
-    stage1_metrics = train_stage1(stage1)
+    stage1_metrics = finished_metrics(stage1, "model") or train_stage1(resumable(stage1), accelerator)
     seconds["stage1"] = time.perf_counter() - start
 
     _banner(2, f"training the prior on captions and image codes ({stage2_config.name})")
-    stage2_metrics = train_stage2(stage2)
+    stage2_metrics = finished_metrics(stage2, "prior") or train_stage2(resumable(stage2))
     seconds["stage2"] = time.perf_counter() - start - sum(seconds.values())
 
     _banner(3, f"training the reranking scorer ({scorer_config.name}, seed {scorer.training.seed})")
-    scorer_metrics = train_scorer(scorer)
+    scorer_metrics = finished_metrics(scorer, "scorer") or train_scorer(resumable(scorer))
     seconds["scorer"] = time.perf_counter() - start - sum(seconds.values())
 
     # The evaluation judge trains on every process too (cached); evaluation and samples then run on the main one.
@@ -254,6 +336,7 @@ def train_pipeline(
         "metrics": evaluation,
         "scorer_metrics": scorer_validation(scorer_metrics),
         **data_licence(stage1.data),
+        **({"license": data_license} if data_license else {}),
     }
     pipe.save_pretrained(output_dir / "pipeline")
     seconds["total"] = time.perf_counter() - start

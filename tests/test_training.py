@@ -277,6 +277,18 @@ def test_two_process_cpu_run_writes_once(tmp_path: Path) -> None:
     assert result.stderr.count("final validation") == 1
 
 
+def test_a_launch_that_starts_fewer_processes_than_asked_warns(tmp_path: Path) -> None:
+    """`accelerate launch --num_processes 2` without `--multi_cpu` starts one process on a CPU: the log says so."""
+    result = subprocess.run(
+        ["accelerate", "launch", "--num_processes", "2", "-m", "stage1_dvae.train", "--config", TINY,
+         "--output_dir", str(tmp_path), "--max_steps", "1", "--progress", "false"],
+        capture_output=True, text=True, cwd=ROOT, env=cpu_processes_env(), timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "accelerator: 1 process(es)" in result.stderr
+    assert "accelerate launch was asked for 2 processes but started 1: on CPU, add --multi_cpu" in result.stderr
+
+
 def test_fsdp_launch_on_cpu_processes_says_it_runs_ddp(tmp_path: Path) -> None:
     """`configs/accelerate/fsdp.yaml` on two CPU processes (GPUs hidden): accelerate runs DDP there, and the log
     says so."""

@@ -83,6 +83,12 @@ def create_accelerator(config: TrainingConfig) -> Accelerator:
         config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
         config.batch_size, accelerator.num_processes, config.gradient_accumulation_steps,
     )
+    asked = processes_asked_of_launch()
+    if asked is not None and asked > accelerator.num_processes:
+        logger.warning(
+            "accelerate launch was asked for %d processes but started %d: on CPU, add --multi_cpu (or use "
+            "--config_file configs/accelerate/cpu_2proc.yaml)", asked, accelerator.num_processes,
+        )
     if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
         logger.warning(
             "the launch config asks for FSDP, but accelerate %s sets FSDP up on GPUs and other accelerators only, "
@@ -90,6 +96,26 @@ def create_accelerator(config: TrainingConfig) -> Accelerator:
             accelerate.__version__, distributed_strategy(accelerator),
         )
     return accelerator
+
+
+def processes_asked_of_launch() -> int | None:
+    """`--num_processes N` of the `accelerate launch` command that started this process (its parent), or None.
+
+    accelerate starts one process for `--num_processes 2` on a CPU without `--multi_cpu` and tells the
+    program nothing; the parent's command line (Linux `/proc`) is the one place the request is seen.
+    """
+    try:
+        argv = [arg.decode() for arg in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0") if arg]
+    except OSError:
+        return None
+    if "launch" not in argv or not any(Path(arg).name == "accelerate" for arg in argv[:2]):
+        return None
+    for index, arg in enumerate(argv):
+        value = arg.removeprefix("--num_processes=") if arg.startswith("--num_processes=") else (
+            argv[index + 1] if arg == "--num_processes" and index + 1 < len(argv) else None)
+        if value is not None and value.isdigit():
+            return int(value)
+    return None
 
 
 def distributed_strategy(accelerator: Accelerator) -> str:

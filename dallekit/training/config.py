@@ -337,6 +337,7 @@ class TrainingConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None
+    overwrite: bool = False  # start over in an output_dir holding an earlier run's checkpoints (they are removed)
     log_every: int = 20
     eval_every: int = 250  # validate every N steps and at the last step
     select_best: bool = True  # export the weights of the best validation evaluation (output_dir/best), not the last

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -41,8 +42,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from dallekit.training.accelerator import create_accelerator, finish_training
-from dallekit.training.checkpointing import CheckpointManager, TrainState, resolve_checkpoint, write_directory
-from dallekit.training.config import TrainingConfig, to_dict
+from dallekit.training.checkpointing import (
+    CheckpointManager,
+    TrainState,
+    list_checkpoints,
+    resolve_checkpoint,
+    write_directory,
+)
+from dallekit.training.config import ConfigError, TrainingConfig, to_dict
 from dallekit.training.data import iterate_batches
 from dallekit.training.optim import create_lr_scheduler, create_optimizer
 from dallekit.training.reporting import flat_hparams, format_metrics
@@ -232,6 +239,35 @@ def register_forward_methods(accelerator: Accelerator, model: torch.nn.Module, n
         register_fsdp_forward_method(model, name)
 
 
+EARLIER_RUN_FILES = ("checkpoints", BEST_MODEL_DIR, "images", "logs", "metrics.json", "config.yaml")
+
+
+def start_over_or_resume(run: TrainingConfig, accelerator: Accelerator) -> None:
+    """Refuse to train from scratch over an earlier run's checkpoints (they would be mixed with this run's and
+    `latest` could pick theirs), unless `overwrite` removes that run's files; a resumed run goes on with them."""
+    output_dir = Path(run.output_dir)
+    earlier = list_checkpoints(output_dir / "checkpoints")
+    if run.resume_from_checkpoint is not None or not earlier:
+        return
+    if not run.overwrite:
+        raise ConfigError(
+            f"{output_dir} holds the checkpoints of an earlier run ({', '.join(p.name for p in earlier)}): pass "
+            "--resume_from_checkpoint latest to continue it, --overwrite true to start over (removes them), or "
+            "another --output_dir"
+        )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for name in EARLIER_RUN_FILES:
+            path = output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        logger.warning("--overwrite: removed the earlier run's checkpoints, best weights, grids and logs in %s",
+                       output_dir)
+    accelerator.wait_for_everyone()
+
+
 def train(task: TrainingTask, accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Train `task`'s model to `training.max_steps` (or an early stop); returns what `metrics.json` holds.
 
@@ -241,6 +277,7 @@ def train(task: TrainingTask, accelerator: Accelerator | None = None) -> dict[st
     run = task.run
     accelerator = accelerator or create_accelerator(run)
     output_dir = Path(run.output_dir)
+    start_over_or_resume(run, accelerator)
     set_seed(run.seed)
     task.setup(accelerator)
     set_seed(run.seed)  # the model's initial weights: the same on every process, whatever the setup drew
