@@ -28,6 +28,7 @@ EMPTY_CAPTION = ""
 """The unconditional caption of classifier-free guidance: it encodes to `[<eos>, <pad>, ...]`."""
 
 _NUM_BYTES = len(pre_tokenizers.ByteLevel.alphabet())  # 256
+NAMED_CUT_CAPTIONS = 3  # the warning about captions longer than text_len names this many, and counts the others
 
 
 def _check_text_len(text_len: int) -> None:
@@ -98,7 +99,8 @@ def encode_captions(
     """Ids of `captions` as `[B, text_len]`: tokens, `<eos>`, then `<pad>`s (default `model_max_length`).
 
     Longer captions are cut to `text_len - 1` tokens plus `<eos>`, with one `UserWarning` per call
-    naming each cut caption and how many tokens it lost. `EMPTY_CAPTION` gives `[<eos>, <pad>, ...]`.
+    counting the cut captions and naming the first few (`NAMED_CUT_CAPTIONS`) with how many tokens
+    each lost. `EMPTY_CAPTION` gives `[<eos>, <pad>, ...]`.
     """
     text_len = tokenizer.model_max_length if text_len is None else text_len
     _check_text_len(text_len)
@@ -108,13 +110,23 @@ def encode_captions(
     # Untruncated lengths, with <eos>; verbose=False because the warning below replaces transformers' own.
     lengths = tokenizer(batch, return_length=True, return_attention_mask=False, verbose=False)["length"]
     cut = [
-        f'caption {index} ("{textwrap.shorten(caption, width=40, placeholder=" ...")}") is {length} tokens, '
-        f"{length - text_len} dropped"
-        for index, (caption, length) in enumerate(zip(batch, lengths))
+        (index, caption, length)
+        for index, (caption, length) in enumerate(zip(batch, lengths, strict=True))
         if length > text_len
     ]
     if cut:
-        warnings.warn(f"{'; '.join(cut)}: text_len is {text_len}", UserWarning, stacklevel=2)
+        named = "; ".join(
+            f'caption {index} ("{textwrap.shorten(caption, width=40, placeholder=" ...")}") is {length} tokens, '
+            f"{length - text_len} dropped"
+            for index, caption, length in cut[:NAMED_CUT_CAPTIONS]
+        )
+        more = f"; and {len(cut) - NAMED_CUT_CAPTIONS} more" if len(cut) > NAMED_CUT_CAPTIONS else ""
+        warnings.warn(
+            f"{len(cut)} of {len(batch)} captions are longer than the model reads and were cut: {named}{more}: "
+            f"text_len is {text_len}",
+            UserWarning,
+            stacklevel=2,
+        )
     encoded = tokenizer(
         batch,
         padding="max_length",

@@ -17,7 +17,11 @@ import argparse
 import json
 import logging
 import sys
+import textwrap
 from pathlib import Path
+
+
+ROW_LABEL_WIDTH = 60  # characters of a prompt written beside its row of the `generate` grid
 
 
 class UserError(Exception):
@@ -46,8 +50,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
     return value
 
 
@@ -99,7 +103,7 @@ def _train(args: argparse.Namespace) -> None:
     try:
         metrics = train_pipeline(data, args.output_dir, args.image_size, args.stage1_config, args.stage2_config,
                                  args.scorer_config, data_overrides=overrides, stage_overrides=args.stage_overrides,
-                                 overwrite=args.overwrite, data_license=args.license, max_prompts=args.max_prompts)
+                                 overwrite=args.overwrite, data_license=args.license, caption_column=args.caption_column, max_prompts=args.max_prompts)
     except (ConfigError, FileNotFoundError) as error:
         raise UserError(str(error).splitlines()[0]) from None
     if not metrics:  # another process of an `accelerate launch`: the main one evaluates and reports
@@ -129,6 +133,12 @@ def _generate(args: argparse.Namespace) -> None:
     if args.candidates is not None and args.candidates < args.num_images:
         raise UserError(f"--candidates {args.candidates} is fewer than --num-images {args.num_images}: "
                         "the best --num-images of --candidates drawn per prompt are kept")
+    from pipelines.text_to_image import check_call_limits
+
+    try:  # before the pipeline loads: a call too large for one grid, or a scale that is not a number, fails at once
+        check_call_limits(len(args.prompt), args.num_images, args.candidates, args.guidance_scale, args.temperature)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     reranking = args.candidates is not None and args.candidates > args.num_images
     pipe = _load_pipeline(args.model)
     if reranking and pipe.scorer is None:
@@ -138,7 +148,8 @@ def _generate(args: argparse.Namespace) -> None:
     output = pipe(args.prompt, num_images_per_prompt=args.num_images, num_candidates=args.candidates,
                   guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
                   generator=generator, output_type="pt", compile=_compile_mode(args))
-    save_image_grid(output.images, args.out, num_rows=len(args.prompt), scale=args.scale, row_labels=args.prompt)
+    labels = [textwrap.shorten(prompt, width=ROW_LABEL_WIDTH, placeholder=" ...") for prompt in args.prompt]
+    save_image_grid(output.images, args.out, num_rows=len(args.prompt), scale=args.scale, row_labels=labels)
     drawn = f", the best of {args.candidates} per prompt by the scorer" if reranking else ""
     print(f"{len(output.images)} images{drawn}: {args.out}")
     if output.scores is not None:
@@ -154,10 +165,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from pipelines.judges import load_or_train_judge
 
     if args.dataset not in BUILTIN_DATASETS:
-        try:
-            check_source_exists(args.dataset)
-        except FileNotFoundError as error:
-            raise UserError(str(error)) from None
+        check_source_exists(args.dataset)  # a DataError is one line (main)
     pipe = _load_pipeline(args.model)
     judge = load_or_train_judge(args.dataset, pipe.vqvae.config.image_size)
     metrics = evaluate_pipeline(pipe, dataset=args.dataset, guidance_scales=tuple(args.guidance_scales),
@@ -256,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--overwrite", action="store_true",
                              help="start over in an output directory that holds another run (removes it); without "
                                   "it, running again with the same settings resumes where the run stopped")
+        command.add_argument("--caption-column", default="text",
+                             help="the metadata column holding the captions (default: text)")
         command.add_argument("--license", default=None,
                              help="the licence of your images (an SPDX id such as cc-by-4.0), for the model card")
         command.set_defaults(run=_train)
@@ -322,8 +332,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         args.run(args)
-    except UserError as error:
-        print(f"dallekit {args.command}: error: {error}", file=sys.stderr)
+    except Exception as error:
+        checks = sys.modules.get("dallekit.data.checks")  # imported by the commands that read data
+        if not isinstance(error, UserError) and not (checks is not None and isinstance(error, checks.DataError)):
+            raise
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(f"dallekit {args.command}: error: {message}", file=sys.stderr)
         sys.exit(2)
     finally:
         distributed = sys.modules.get("torch.distributed")  # torch is imported by the commands that need it

@@ -7,7 +7,11 @@ pipeline saves the same card again).
 
 from __future__ import annotations
 
+import os
+import re
+import textwrap
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -21,6 +25,69 @@ def dallekit_version() -> str:
         return version(LIBRARY_NAME)
     except PackageNotFoundError:
         return "unknown"
+
+
+def _looks_local(text: str) -> bool:
+    """Whether `text` names a local path (absolute, or ./ ../ ~, or an existing path with a separator), not a Hub
+    id or a built-in dataset name."""
+    return (os.path.isabs(text) or text.startswith(("./", "../", "~", ".\\", "..\\")) or text in (".", "..")
+            or ((os.sep in text or "/" in text) and os.path.exists(text)))
+
+
+def _public_name(path: str) -> str:
+    """The last component of a local path (the folder's name), which a card may publish."""
+    return Path(os.path.abspath(os.path.expanduser(path))).name or path
+
+
+def public_training_info(info: dict[str, Any]) -> dict[str, Any]:
+    """`info` without local paths, as a card publishes it: the dataset, when it is a local folder, becomes the
+    folder's name wherever it occurs (the description, the metrics), and any other string that is a whole
+    absolute path its last component. Hub ids and built-in names are kept."""
+    dataset = info.get("dataset")
+    replacements: dict[str, str] = {}
+    if isinstance(dataset, str) and _looks_local(dataset):
+        name = _public_name(dataset)
+        for form in (os.path.abspath(os.path.expanduser(dataset)), os.path.realpath(os.path.expanduser(dataset)),
+                     dataset):
+            replacements[form] = name
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: clean(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(item) for item in value]
+        if not isinstance(value, str):
+            return value
+        if value in replacements:
+            return replacements[value]
+        for local, name in sorted(replacements.items(), key=lambda item: -len(item[0])):  # longest first
+            value = value.replace(local, name)
+        return _public_name(value) if os.path.isabs(value) or value.startswith("~") else value
+
+    return clean(info)
+
+
+def public_location(location: str) -> str:
+    """Where the card's snippets load the model from: a Hub id as it is, a local directory relative to the
+    working directory when it lies under it, else by its name (a card names no absolute local path)."""
+    if not _looks_local(location) or not os.path.isabs(os.path.expanduser(location)):
+        return location
+    absolute = os.path.abspath(os.path.expanduser(location))
+    relative = os.path.relpath(absolute, os.getcwd()) if absolute.startswith(os.getcwd() + os.sep) else None
+    return relative or _public_name(location)
+
+
+def license_metadata(info: dict[str, Any]) -> dict[str, str]:
+    """The card's `license` metadata: the given licence (`info["license"]`, e.g. `--license cc-by-4.0`, or a
+    dataset's own) as a Hub licence id (lower case, spaces as hyphens); a name that is no id is `other` with
+    `license_name`. Empty without a licence."""
+    given = str(info.get("license") or info.get("license_id") or "").strip()
+    if not given:
+        return {}
+    license_id = re.sub(r"\s+", "-", given.lower())
+    if re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license_id):
+        return {"license": license_id}
+    return {"license": "other", "license_name": re.sub(r"[^a-z0-9.+]+", "-", given.lower()).strip("-") or "other"}
 
 
 def _format(value: Any) -> str:
@@ -81,20 +148,24 @@ def make_model_card(
 ) -> ModelCard:
     """A card for `pipe` (a `TextToImagePipeline`), loadable as `location` (a Hub id or a directory).
 
-    With `space_id` the card links to the Gradio Space that serves the model's page.
+    With `space_id` the card links to the Gradio Space that serves the model's page. The card names no
+    absolute local path (`public_training_info`, `public_location`): it is published with the model.
     """
-    info = training_info or {}
+    info = public_training_info(training_info or {})  # a card is published: no local paths
+    location = public_location(location)
     vqvae, prior = pipe.vqvae.config, pipe.prior.config
     quantizer = {"gumbel": "gumbel-dvae", "vq": "vq-vae", "fsq": "fsq"}[vqvae.quantizer]
     data = ModelCardData(
-        license=info.get("license_id"),  # the training data's (OpenMoji's CC BY-SA 4.0 travels with the emoji)
+        # the training data's (OpenMoji's CC BY-SA 4.0 travels with the emoji), or the one given (`--license`)
+        **license_metadata(info),
         library_name=LIBRARY_NAME,
         pipeline_tag="text-to-image",
         tags=["dallekit", "text-to-image", "dall-e", "autoregressive", quantizer],
         dallekit=info,
     )
     dataset = info.get("dataset")
-    prompt = info.get("example_prompt", "a handwritten digit seven")
+    # a caption of any length may be the example: the card's snippets show its start
+    prompt = textwrap.shorten(info.get("example_prompt", "a handwritten digit seven"), width=100, placeholder=" ...")
     sections = [
         f"# dallekit text-to-image{f' ({dataset})' if dataset else ''}",
         "",
@@ -117,8 +188,8 @@ def make_model_card(
         "",
         info.get("data_description") or (f"`{dataset}`" if dataset else "Not recorded."),
         "",
-        *([f"Licence of the training data, which this model carries: {info['license']}. {info['attribution']}", ""]
-          if info.get("license") else []),
+        *([f"Licence of the training data, which this model carries: {info['license']}. "
+           f"{info.get('attribution') or ''}".rstrip(), ""] if info.get("license") else []),
     ]
     if info.get("metrics"):
         sections.append(_metrics_section(info["metrics"]))

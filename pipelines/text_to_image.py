@@ -14,6 +14,7 @@ that is there but cannot be read raises `PipelineLoadError` naming the file and 
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +40,13 @@ from stage2_prior import PriorModel
 
 ModelT = TypeVar("ModelT", DVAEModel, PriorModel, ScorerModel)
 MODEL_INDEX = "model_index.json"
+MAX_IMAGES_PER_CALL = 1024
+"""The most images one call returns (prompts x `num_images_per_prompt`): a call holds them all in memory until it
+returns (`dallekit generate` draws them into one grid too), and 1,024 take minutes on a CPU; draw more in
+several calls, another seed each."""
+MAX_CANDIDATES_PER_CALL = 8192
+"""The most candidates one call draws (prompts x `num_candidates`): their pixels stay in memory until the scorer has
+ranked them all."""
 COMPONENTS = {
     "vqvae": ("stage1_dvae", "DVAEModel"),
     "prior": ("stage2_prior", "PriorModel"),
@@ -51,6 +59,35 @@ REQUIRED_FILES = {
     "tokenizer": ("tokenizer.json",),
     "scorer": ("config.json", "model.safetensors", "tokenizer.json"),
 }
+
+
+def check_call_limits(num_prompts: int, num_images_per_prompt: int, num_candidates: int | None = None,
+                      guidance_scale: float = 3.0, temperature: float = 1.0) -> None:
+    """Raise a ValueError, with the limit's reason, for a call that asks for more than `MAX_IMAGES_PER_CALL` images
+    or `MAX_CANDIDATES_PER_CALL` candidates, or for a guidance scale or temperature that is not a finite number
+    (the prior checks the rest)."""
+    images = num_prompts * num_images_per_prompt
+    if images > MAX_IMAGES_PER_CALL:
+        raise ValueError(
+            f"{num_prompts} prompt(s) x {num_images_per_prompt:,} images per prompt is {images:,} images, more than "
+            f"the {MAX_IMAGES_PER_CALL:,} one call returns: a call holds all its images in memory until it returns, "
+            f"and {MAX_IMAGES_PER_CALL:,} take minutes on a CPU; draw more in several calls, another seed each"
+        )
+    per_prompt = num_candidates or num_images_per_prompt
+    candidates = num_prompts * per_prompt
+    if candidates > MAX_CANDIDATES_PER_CALL:
+        raise ValueError(
+            f"{num_prompts} prompt(s) x {per_prompt:,} candidates per prompt is {candidates:,} candidates, more "
+            f"than the {MAX_CANDIDATES_PER_CALL:,} one call draws: their pixels stay in memory until all are ranked; "
+            "draw fewer candidates per prompt, or split the prompts over several calls"
+        )
+    if not math.isfinite(guidance_scale):
+        raise ValueError(
+            f"guidance_scale must be a finite number, got {guidance_scale!r}: an infinite or NaN scale turns every "
+            "logit infinite or NaN, and every image comes out the same; use e.g. 3.0 (1.0 turns guidance off)"
+        )
+    if not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}: use e.g. 1.0")
 
 
 class PipelineLoadError(ValueError):
@@ -305,6 +342,7 @@ class TextToImagePipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or num_images_per_prompt < 1:
             raise ValueError("give at least one prompt and num_images_per_prompt >= 1")
+        check_call_limits(len(prompts), num_images_per_prompt, num_candidates, guidance_scale, temperature)
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         if batch_size < 1:

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +232,7 @@ def train_pipeline(
     stage_overrides: dict[str, list[str]] | None = None,
     overwrite: bool = False,
     data_license: str | None = None,
+    caption_column: str = "text",
     guidance_scales: tuple[float, ...] = (1.0, 3.0, 5.0),
     max_prompts: int | None = None,
     images_per_prompt: int = 8,
@@ -256,7 +258,8 @@ def train_pipeline(
                           f"--stage1.training.max_steps 100 (stages: {', '.join(STAGES)})")
     output_dir = Path(output_dir)
     if data not in BUILTIN_DATASETS:
-        check_source_exists(data)  # before any config is read: a mistyped folder is the likeliest mistake
+        # before any config is read: a mistyped folder, or a malformed metadata file, is the likeliest mistake
+        check_source_exists(data, text_column=caption_column)
     if image_size is None and stage1_config is None:
         image_size = default_image_size(data)
     missing = None in (stage1_config, stage2_config, scorer_config)
@@ -265,6 +268,7 @@ def train_pipeline(
     stage2_config = Path(stage2_config or recipe.stage2)
     scorer_config = Path(scorer_config or recipe.scorer)
     size = ["--data.image_size", str(image_size), "--model.image_size", str(image_size)] if image_size else []
+    data_overrides = [*data_overrides, "--data.text_column", caption_column]
     stage1 = load_config(Stage1Config, ["--config", str(stage1_config), "--data.source", data, *data_overrides,
                                          *size, *stage_overrides.get("stage1", []),
                                          "--output_dir", str(output_dir / "stage1")])
@@ -325,7 +329,9 @@ def train_pipeline(
     prompts = [caption for caption, _ in rows]
     output = pipe(prompts, num_images_per_prompt=images_per_prompt, generator=torch.Generator().manual_seed(seed),
                   output_type="pt")
-    labels = prompts if all(kind == "held out" for _, kind in rows) else [f"{caption} ({kind})" for caption, kind in rows]
+    labels = [textwrap.shorten(caption, width=60, placeholder=" ...") for caption in prompts]  # a readable grid
+    if not all(kind == "held out" for _, kind in rows):
+        labels = [f"{label} ({kind})" for label, (_, kind) in zip(labels, rows)]
     save_image_grid(output.images, output_dir / "samples.png", num_rows=len(prompts), scale=2, row_labels=labels)
     described = f"dallekit's built-in `{data}` dataset" if data in BUILTIN_DATASETS else f"`{data}`"
     pipe.training_info = {

@@ -161,6 +161,10 @@ class DVAEModel(DVAEPreTrainedModel):
         output = self.decoder(self.quantizer.embed_codes(codes.long()))
         return to_pixels(output, self.config.reconstruction_loss, self.config.logit_laplace_eps).clamp(-1, 1)
 
+    def get_input_embeddings(self) -> None:
+        """None: the tokenizer reads pixels, it has no token embedding (transformers' default raises, and
+        accelerate's FSDP2 preparation asks every model for its embeddings)."""
+
     def get_last_layer(self) -> torch.Tensor:
         """The decoder's final weight (VQGAN's adaptive adversarial weight balances gradients here)."""
         return self.decoder.conv_out.weight

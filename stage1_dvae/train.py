@@ -20,10 +20,16 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 
 from dallekit.data import DataConfig, TextImageCollator, load_text_image_dataset
-from dallekit.training.config import PRIOR_ONLY_GRADIENT_CHECKPOINTING, TrainingConfig, run_from_command_line
+from dallekit.training.config import (
+    PRIOR_ONLY_GRADIENT_CHECKPOINTING,
+    ConfigError,
+    TrainingConfig,
+    run_from_command_line,
+)
 from dallekit.training.images import save_image_grid
 from dallekit.training.loop import StepOutput, TrainingTask
 from dallekit.training.loop import train as train_task
@@ -114,6 +120,15 @@ class Stage1Task(TrainingTask[Stage1Config]):
     forward_methods = ("encode", "decode")
 
     def setup(self, accelerator: Accelerator) -> None:
+        if self.config.adversarial.enabled and accelerator.distributed_type == DistributedType.FSDP:
+            # Refused before any work, not at adversarial.start_step: VQGAN's adaptive weight differentiates the
+            # losses with respect to the decoder's last weight, which FSDP holds sharded outside its unit's forward
+            # (not the tensor the graph used), and accelerate applies one auto-wrap policy to the tokenizer and
+            # the discriminator alike (a class-based one names classes the discriminator lacks).
+            raise ConfigError(
+                "adversarial.enabled is not supported under FSDP: train the tokenizer with DDP "
+                "(configs/accelerate/multi_gpu.yaml; it is small enough for every process to hold it whole)"
+            )
         self.splits = load_text_image_dataset(self.config.data)
         self.collator = TextImageCollator(self.config.data.image_size)
         grid_loader = DataLoader(self.splits["validation"], batch_size=self.config.num_grid_images,

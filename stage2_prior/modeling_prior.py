@@ -103,6 +103,18 @@ class _Decoding:
     cache: KVCache | None  # the call's static key/value cache, with `decoder`
 
 
+class VocabularyHead(nn.Linear):
+    """The output layer (`lm_head`, no bias): logits over the joint vocabulary, or over a slice of its rows only.
+
+    Training takes each position's logits over its own vocabulary (`forward(hidden, rows)`). Through this
+    module's call, not `lm_head.weight` read in the parent's forward, so that FSDP, which gathers a module's
+    sharded weights when the module is called, gathers this one first.
+    """
+
+    def forward(self, hidden: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        return F.linear(hidden, self.weight[rows])
+
+
 @dataclass
 class PriorOutput(ModelOutput):
     """Result of `PriorModel.forward`: logits over the joint vocabulary and the weighted loss."""
@@ -139,7 +151,7 @@ class PriorModel(PriorPreTrainedModel):
         self.decoder = LlamaModel(config.decoder_config())
         self.row_embedding = nn.Embedding(config.image_grid_size, config.hidden_size)
         self.column_embedding = nn.Embedding(config.image_grid_size, config.hidden_size)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = VocabularyHead(config.hidden_size, config.vocab_size, bias=False)
         self.embedding_dropout = nn.Dropout(config.embedding_dropout)
         self.residual_dropout = nn.Dropout(config.residual_dropout)
         self.auto_compile = AutoCompile()  # when `generate(compile="auto")` switches to the compiled step
@@ -159,6 +171,10 @@ class PriorModel(PriorPreTrainedModel):
         if isinstance(output, tuple):
             return (self.residual_dropout(output[0]), *output[1:])
         return self.residual_dropout(output)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (text and image codes): transformers cannot find it under `decoder` by itself."""
+        return self.decoder.embed_tokens
 
     # ---- sequence layout ------------------------------------------------------------------------
 
@@ -239,8 +255,8 @@ class PriorModel(PriorPreTrainedModel):
         """
         split, text_vocab = self.config.text_len, self.config.text_vocab_size
         targets = input_ids[:, 1:]
-        text_logits = F.linear(hidden[:, :split], self.lm_head.weight[:text_vocab]).float()
-        image_logits = F.linear(hidden[:, split:-1], self.lm_head.weight[text_vocab:]).float()
+        text_logits = self.lm_head(hidden[:, :split], slice(None, text_vocab)).float()
+        image_logits = self.lm_head(hidden[:, split:-1], slice(text_vocab, None)).float()
         text_targets = targets[:, :split].masked_fill(targets[:, :split] == self.config.pad_token_id, -100)
         text_loss = F.cross_entropy(text_logits.flatten(0, 1), text_targets.flatten(), ignore_index=-100)
         image_loss = F.cross_entropy(image_logits.flatten(0, 1), (targets[:, split:] - text_vocab).flatten())

@@ -3,6 +3,7 @@
 The `emoji` dataset and its licence constants live in `dallekit.data.emoji` (imported on use).
 """
 
+from .checks import DataError, DataSourceNotFoundError
 from .config import AugmentationConfig, DataConfig
 from .digits import make_digits_dataset
 from .shapes import draw_shape, make_shapes, make_shapes_dataset, parse_shape_caption, shape_caption
@@ -25,6 +26,8 @@ __all__ = [
     "BUILTIN_DATASETS",
     "AugmentationConfig",
     "DataConfig",
+    "DataError",
+    "DataSourceNotFoundError",
     "ImageTransform",
     "TextImageCollator",
     "background_colour",

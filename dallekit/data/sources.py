@@ -5,11 +5,15 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import datasets
-from huggingface_hub.errors import HFValidationError
+import huggingface_hub
+import pyarrow
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
+from .checks import DataError, DataSourceNotFoundError, check_image_folder
 from .config import DataConfig
 from .digits import make_digits_dataset
 from .shapes import make_shapes_dataset
@@ -61,16 +65,18 @@ def load_text_image_dataset(config: DataConfig) -> Splits:
 
 def _load_external(config: DataConfig) -> Splits:
     """A local folder or Hub dataset through `datasets.load_dataset`, standardised."""
-    check_source_exists(config.source)
-    raw = datasets.load_dataset(config.source, streaming=config.streaming)
+    check_source_exists(config.source, text_column=config.text_column)
+    raw = _load_dataset(config)
     if config.train_split not in raw:
-        raise ValueError(
+        raise DataError(
             f"Source {config.source!r} has no split train_split={config.train_split!r}; "
             f"available splits: {list(raw)}. Set train_split to one of them."
         )
     train = _standardise(raw[config.train_split], config)
+    _check_captions(train, "train", config.source)
     if config.validation_split in raw:
         validation = _standardise(raw[config.validation_split], config)
+        _check_captions(validation, "validation", config.source)
     else:
         logger.info(
             "Source %r has no %r split: holding out %.0f%% of %r (seed %d) for validation.",
@@ -85,17 +91,140 @@ def _load_external(config: DataConfig) -> Splits:
     return splits_type({"train": train, "validation": validation})
 
 
-def check_source_exists(source: str) -> None:
-    """Raise when `source` is neither an existing path nor shaped like a Hub dataset id."""
-    if os.path.exists(source):
+def _load_dataset(config: DataConfig) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    """`datasets.load_dataset(config.source)`, what it raises about the data or the Hub as one-line `DataError`s."""
+    local = os.path.exists(config.source)
+    try:
+        return datasets.load_dataset(config.source, streaming=config.streaming)
+    except (pyarrow.ArrowException, datasets.exceptions.DatasetGenerationError) as error:
+        cause = error.__cause__ or error.__context__ or error
+        raise DataError(f"datasets cannot read {config.source}: {_first_line(cause)}") from error
+    except (ConnectionError, OSError) as error:
+        if local:
+            raise
+        raise DataError(f"cannot load the Hub dataset {config.source!r} ({_first_line(error)}): check the network "
+                        "and the id, or give the path of a local image folder") from error
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _check_captions(split: Split, name: str, source: str) -> None:
+    """Missing captions (None) of a map-style split are an error, empty ones a warning, both with a count (a
+    folder's metadata is checked line by line before it loads; a stream is not read ahead)."""
+    if not isinstance(split, datasets.Dataset) or os.path.isdir(source):
         return
+    texts = list(split["text"])
+    missing = [index for index, text in enumerate(texts) if not isinstance(text, str)]
+    if missing:
+        raise DataError(f"{source}: {len(missing)} of the {len(texts)} rows of the {name} split have no caption "
+                        f"string (the first: row {missing[0]}, {texts[missing[0]]!r}): fill or drop them")
+    empty = sum(1 for text in texts if not text.strip())
+    if empty:
+        logger.warning("%d of the %d captions of the %s split of %r are empty: they train as the unconditional "
+                       "caption", empty, len(texts), name, source)
+
+
+_CHECKED: dict[tuple[str, str | None], tuple] = {}  # folder -> the state it was checked in, to check it once
+
+
+def _folder_state(folder: str) -> tuple:
+    """The modification times of `folder` and its metadata files: a folder whose state is unchanged is not re-read."""
+    state = [os.stat(folder).st_mtime_ns]
+    for root, directories, files in os.walk(folder):
+        directories[:] = [name for name in directories if not name.startswith((".", "__"))]
+        state += [(os.path.join(root, name), os.stat(os.path.join(root, name)).st_mtime_ns) for name in files
+                  if name.startswith("metadata.")]
+    return tuple(state)
+
+
+def _looks_like_a_path(source: str) -> bool:
+    """A name that can only mean a local path: no Hub id is absolute, starts with . or ~, or lacks a '/'."""
+    return (os.path.isabs(source) or source.startswith((".", "~")) or "/" not in source or "\\" in source
+            or source.count("/") > 1)
+
+
+def _offline() -> bool:
+    return huggingface_hub.constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in (
+        "1", "ON", "YES", "TRUE")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    namespace, name = repo_id.split("/")
+    return (Path(datasets.config.HF_DATASETS_CACHE) / f"{namespace}___{name}").is_dir() or (
+        Path(huggingface_hub.constants.HF_HUB_CACHE) / f"datasets--{namespace}--{name}").is_dir()
+
+
+_REACHED: set[str] = set()  # Hub ids whose dataset the Hub confirmed in this process
+
+
+def check_source_exists(source: str, text_column: str | None = "text") -> None:
+    """Raise a one-line `DataError` (`DataSourceNotFoundError`, also a FileNotFoundError, when there is no such
+    source) unless `source` can load: a built-in name; a local folder whose metadata checks out
+    (`checks.check_image_folder`; pass the run's `DataConfig.text_column` as `text_column`, or None not to
+    check the caption column); or a Hub id `namespace/name` that is in the cache when `HF_HUB_OFFLINE=1`,
+    else that the Hub confirms.
+
+    A name that is no existing path and looks like a path (no '/', or starting with / . ~) is never
+    sent to the Hub. A checked folder is not re-read while it and its metadata files are unchanged.
+    """
+    if source in BUILTIN_DATASETS:
+        return
+    if os.path.isdir(source):
+        key, state = (os.path.realpath(source), text_column), _folder_state(source)
+        if _CHECKED.get(key) != state:
+            check_image_folder(source, text_column)
+            _CHECKED[key] = state
+        return
+    if os.path.exists(source):
+        return  # a data file: `datasets` reads it
+    where = os.path.abspath(os.path.expanduser(source))
+    builtins = ", ".join(BUILTIN_DATASETS)
+    if source.startswith("~") and os.path.exists(where):
+        raise DataSourceNotFoundError(f"{source!r} starts with a ~ that no shell expanded: give the folder as {where}")
+    if _looks_like_a_path(source) or not _is_repo_id(source):
+        raise DataSourceNotFoundError(
+            f"no folder {where}: {source!r} is not a built-in dataset ({builtins}), an existing local folder, or a "
+            "Hub dataset id such as 'namespace/name'; give the path of your image folder (with metadata.jsonl)"
+        )
+    if source in _REACHED or (_offline() and _in_hub_cache(source)):
+        return
+    if _offline():
+        raise DataSourceNotFoundError(
+            f"no folder {where}, and the Hub dataset {source!r} is not in the local cache while HF_HUB_OFFLINE=1 "
+            "forbids downloading it: unset HF_HUB_OFFLINE, or give the path of an existing image folder"
+        )
+    try:
+        huggingface_hub.HfApi().dataset_info(source, timeout=15)
+    except GatedRepoError:
+        _REACHED.add(source)  # its files need an accepted licence and a login, which `datasets` reports
+    except RepositoryNotFoundError:
+        raise DataSourceNotFoundError(
+            f"no folder {where}, and no dataset {source!r} on the Hub (a private one needs `hf auth login`): give "
+            "the path of your image folder, or an existing Hub dataset id"
+        ) from None
+    except HfHubHTTPError as error:
+        raise DataError(f"the Hub answered {_first_line(error)} for dataset {source!r}: try again later, or give "
+                        "the path of a local image folder") from None
+    except Exception as error:  # noqa: BLE001 (httpx's connection errors and timeouts, whatever the transport)
+        if _in_hub_cache(source):
+            logger.warning("cannot reach the Hub (%s): loading %r from the local cache", _first_line(error), source)
+            return
+        raise DataError(
+            f"cannot reach the Hub to download the dataset {source!r} ({type(error).__name__}: {_first_line(error)}): "
+            f"check the network, or give the path of a local image folder (there is no folder {where})"
+        ) from None
+    else:
+        _REACHED.add(source)
+
+
+def _is_repo_id(source: str) -> bool:
     try:
         validate_repo_id(source)
     except HFValidationError:
-        raise FileNotFoundError(
-            f"source={source!r} is not a built-in dataset ({', '.join(BUILTIN_DATASETS)}), "
-            "an existing local folder, or a Hub dataset id such as 'namespace/name'."
-        ) from None
+        return False
+    return True
 
 
 def _standardise(split: Split, config: DataConfig) -> Split:
@@ -104,7 +233,7 @@ def _standardise(split: Split, config: DataConfig) -> Split:
     columns = split.column_names
     missing = [name for name in (config.image_column, config.text_column) if name not in columns]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"Column(s) {missing} not found in {config.source!r}; available columns: {columns}. "
             "Set image_column and text_column to the names of the image and caption columns."
         )
@@ -125,7 +254,7 @@ def _check_caption_lists(split: Split, config: DataConfig) -> None:
         isinstance(feature, (datasets.List, datasets.LargeList)) and feature.feature == datasets.Value("string")
     ):
         return
-    raise ValueError(
+    raise DataError(
         f"Column captions_column={config.captions_column!r} of {config.source!r} holds {feature}, not lists of "
         "strings: give each image a list of captions there, or set captions_column to None to ignore it."
     )

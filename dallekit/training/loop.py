@@ -210,14 +210,17 @@ def full_weights_model(accelerator: Accelerator, model: torch.nn.Module, task: T
     """A model holding the full weights on the main process (None on the others); call on every process.
 
     Without FSDP that is the unwrapped training model itself; under FSDP the weights are gathered
-    (`accelerator.get_state_dict`, a collective) into a fresh copy from `task.build_model()`.
+    (`accelerator.get_state_dict`, a collective) into a fresh copy from `task.build_model()`, built
+    without drawing from the global RNG, so that the main process's training randomness (caption
+    dropout, Gumbel noise) is the same as without FSDP.
     """
     if accelerator.distributed_type != DistributedType.FSDP:
         return accelerator.unwrap_model(model, keep_torch_compile=False) if accelerator.is_main_process else None
     state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return None
-    copy = task.build_model()
+    with torch.random.fork_rng(devices=[]):  # the copy's random initialisation is overwritten anyway
+        copy = task.build_model()
     copy.load_state_dict(state_dict)
     return copy.to(accelerator.device).eval()
 
