@@ -41,7 +41,8 @@ def launch(processes: int, module_args: list[str], env: dict[str, str], config_f
     if processes == 1:
         launcher = ["accelerate", "launch", "--num_processes", "1", "--cpu"]
     else:
-        launcher = ["accelerate", "launch", "--config_file", config_file or str(recipe_path("accelerate/cpu_2proc.yaml"))]
+        config_file = config_file or str(recipe_path("accelerate/cpu_2proc.yaml"))
+        launcher = ["accelerate", "launch", "--config_file", config_file]
     result = subprocess.run([*launcher, *module_args], capture_output=True, text=True, cwd=ROOT, env=env)
     if result.returncode:
         raise SystemExit(result.stderr[-4000:])
@@ -49,7 +50,8 @@ def launch(processes: int, module_args: list[str], env: dict[str, str], config_f
 
 def shard_bytes(checkpoint: Path, folder: str) -> dict[int, int]:
     """Bytes of each rank's file in a torch.distributed.checkpoint folder of the checkpoint."""
-    return {int(path.name.split("_")[2]): path.stat().st_size for path in sorted((checkpoint / folder).glob("__*_0.distcp"))}
+    files = sorted((checkpoint / folder).glob("__*_0.distcp"))
+    return {int(path.name.split("_")[2]): path.stat().st_size for path in files}
 
 
 def main() -> None:
@@ -73,7 +75,7 @@ def main() -> None:
               "--image_every", str(args.steps), "--checkpointing_steps", str(args.steps), "--log_every",
               str(args.steps), "--progress", "false", "--report_to", "none", "--early_stopping_patience", "null"]
     runs = [("single process", 1, ["-m", "stage2_prior.train"]), ("DDP", 2, ["-m", "stage2_prior.train"]),
-            ("FSDP", 2, ["-m", "tests.fsdp_worker", "stage2", str(root / "fsdp-evidence")]
+            ("FSDP", 2, ["-m", "tests.fsdp_worker", "stage2", str(root / "fsdp-evidence"), "--run", "fsdp2"]
              if args.fsdp_config is None else ["-m", "stage2_prior.train"])]
     for name, processes, module in runs:
         output_dir = root / name.replace(" ", "_")

@@ -1,4 +1,4 @@
-"""The GPU-sized configs: parameter counts as the README states them, a real training step of the base
+"""The GPU-sized configs: parameter counts as docs/training.md states them, a real training step of the base
 prior on CPU, gradient checkpointing that changes memory and nothing else."""
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_parameter_count(config_path: str) -> float:
-    """Millions of parameters in the README's "Sizes for real data" row of `config_path`."""
-    readme = (ROOT / "README.md").read_text()
+    """Millions of parameters in docs/training.md's "Sizes for real data" row of `config_path`."""
+    readme = (ROOT / "docs" / "training.md").read_text()
     row = re.search(rf"^\| `{re.escape(config_path)}` \|[^|]*\| ([0-9.]+) M \|", readme, flags=re.MULTILINE)
-    assert row, f"README.md has no 'Sizes for real data' row for {config_path}"
+    assert row, f"docs/training.md has no 'Sizes for real data' row for {config_path}"
     return float(row.group(1))
 
 
