@@ -34,6 +34,7 @@ from dallekit.scorer import ScorerConfig, TextImageScorer
 from dallekit.scorer.train import ScorerTrainConfig, train
 from dallekit.training.checkpointing import write_directory
 from dallekit.training.config import load_config, recipe_exists, recipe_path, to_dict
+from dallekit.training.data import fitted_batch_size
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,8 @@ def load_or_train_judge(
         ),
     )
     splits = load_text_image_dataset(config.data)
-    if config.training.batch_size > len(splits["train"]) // 2:  # a small dataset of one's own: smaller batches
-        config.training.batch_size = max(2, len(splits["train"]) // 2)
+    if config.training.batch_size * PartialState().num_processes > len(splits["train"]):  # a small dataset
+        config.training.batch_size = fitted_batch_size(len(splits["train"]), PartialState().num_processes)
     key = {
         "format": CACHE_FORMAT,
         "fingerprints": [splits["train"]._fingerprint, splits["validation"]._fingerprint],

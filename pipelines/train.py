@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import PartialState
 from transformers import PreTrainedTokenizerFast
 
-from dallekit.data import BUILTIN_DATASETS, DataConfig, load_text_image_dataset
+from dallekit.data import BUILTIN_DATASETS, DataConfig, DataError, load_text_image_dataset
 from dallekit.data.sources import check_source_exists
 from dallekit.evaluation import EVALUATION_SEED, evaluate_pipeline
 from dallekit.evaluation.classifier import LABELLED_DATASETS
@@ -46,6 +47,7 @@ from dallekit.scorer.train import train as train_scorer
 from dallekit.training.accelerator import create_accelerator, resolve_mixed_precision
 from dallekit.training.checkpointing import list_checkpoints
 from dallekit.training.config import ConfigError, load_config, recipe_exists, recipe_path, to_dict
+from dallekit.training.data import MIN_BATCH_SIZE, fitted_batch_size
 from dallekit.training.images import save_image_grid
 from pipelines.judges import load_or_train_judge
 from pipelines.text_to_image import TextToImagePipeline
@@ -202,6 +204,49 @@ def resumable(config: Any) -> Any:
     return config
 
 
+def training_split_size(data: DataConfig) -> int | None:
+    """How many examples the training split of `data` holds (None for a stream), loaded without the loader's
+    info lines: stage 1 logs them when it loads the split, and a check that fails stays one line."""
+    data_logger = logging.getLogger("dallekit.data")
+    level = data_logger.level
+    data_logger.setLevel(logging.WARNING)
+    try:
+        train = load_text_image_dataset(data)["train"]
+    finally:
+        data_logger.setLevel(level)
+    return len(train) if isinstance(train, datasets.Dataset) else None
+
+
+def fit_batches_to_data(configs: dict[str, Any], train_images: int, num_processes: int, chosen: set[str]) -> None:
+    """Check every stage's per-process batch against the training split before stage 1 trains.
+
+    A stage whose batch was chosen by the user (its config given, or `training.batch_size` overridden)
+    and does not fit fails here in one line; a recipe's batch is lowered to `fitted_batch_size` (with
+    a warning), so that a small folder trains rather than fails after hours of earlier stages.
+    """
+    if train_images < MIN_BATCH_SIZE * num_processes:
+        raise DataError(
+            f"the training split has {train_images} image(s), too few for {num_processes} process(es): dallekit "
+            f"train needs at least {MIN_BATCH_SIZE * num_processes} ({MIN_BATCH_SIZE} per process); add images, "
+            "or train on fewer processes"
+        )
+    for name, config in configs.items():
+        batch = config.training.batch_size
+        if batch * num_processes <= train_images:
+            continue
+        fitted = fitted_batch_size(train_images, num_processes)
+        if name in chosen:
+            raise ConfigError(
+                f"{name}: training.batch_size {batch} x {num_processes} process(es) needs {batch * num_processes} "
+                f"training images, and the training split has {train_images}: pass --{name}.training.batch_size "
+                f"{fitted} (or add images)"
+            )
+        logger.warning("%s: the training split has %d images (%d per process), fewer than the recipe's batch %d: "
+                       "training with batch %d (choose with --%s.training.batch_size)", name, train_images,
+                       train_images // num_processes, batch, fitted, name)
+        config.training.batch_size = fitted
+
+
 def check_one_precision(configs: dict[str, Any]) -> None:
     """Fail before training when the stages ask for different mixed precisions: the models of one
     process train under one accelerate process state, hence one precision."""
@@ -262,6 +307,7 @@ def train_pipeline(
         check_source_exists(data, text_column=caption_column)
     if image_size is None and stage1_config is None:
         image_size = default_image_size(data)
+    given = {name: path is not None for name, path in zip(STAGES, (stage1_config, stage2_config, scorer_config))}
     missing = None in (stage1_config, stage2_config, scorer_config)
     recipe = recipe_for(data, image_size or default_image_size(data)) if missing else None
     stage1_config = Path(stage1_config or recipe.stage1)
@@ -287,6 +333,11 @@ def train_pipeline(
         )
     configs = {"stage1": stage1, "stage2": stage2, "scorer": scorer}
     check_one_precision(configs)
+    train_images = training_split_size(stage1.data)
+    if train_images is not None:  # a stream's length is unknown until it has been read
+        chosen = {name for name in STAGES if given[name] or any(
+            arg.split("=")[0] == "--training.batch_size" for arg in stage_overrides.get(name, []))}
+        fit_batches_to_data(configs, train_images, PartialState().num_processes, chosen)
     accelerator = create_accelerator(stage1.training)  # the first training's; the others share its process state
     record = {"data": data, "image_size": image_size} | {name: to_dict(config) for name, config in configs.items()}
     start_or_resume_run(output_dir, record, overwrite, accelerator)

@@ -11,14 +11,21 @@ import subprocess
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from huggingface_hub import ModelCard
 from PIL import Image
 
 from dallekit.data import DataConfig, DataError, DataSourceNotFoundError, load_text_image_dataset
 from dallekit.data.sources import check_source_exists
+from dallekit.scorer.train import ScorerTrainConfig
+from dallekit.training.config import ConfigError, load_config
+from dallekit.training.data import fitted_batch_size
 from pipelines.text_to_image import MAX_IMAGES_PER_CALL, TextToImagePipeline
+from stage1_dvae.train import Stage1Config
+from stage2_prior.train import Stage2Config
 from tests.test_pipeline import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +147,37 @@ def test_a_source_that_is_not_there_is_one_line(data: str, env: dict[str, str], 
     line = one_line_error(result, "train")
     assert all(part in line for part in expected), line
     assert not (output_dir / "stage1").exists()
+
+
+@needs_entry_point
+def test_a_batch_chosen_too_large_for_the_folder_is_one_line(tmp_path: Path) -> None:
+    """The tiny configs' batch of 16 on 12 images (10 to train on): refused before stage 1, naming a batch that fits."""
+    folder = tmp_path / "pictures"
+    jsonl(folder, [{"file_name": name, "text": f"picture {name}"} for name in images(folder, 12)])
+    output_dir = tmp_path / "run"
+    result = dallekit("train", "--data", str(folder), "--output-dir", str(output_dir), *TINY, cache=tmp_path / "cache")
+    line = one_line_error(result, "train")
+    assert ("stage1: training.batch_size 16 x 1 process(es) needs 16 training images, and the training split has 10: "
+            "pass --stage1.training.batch_size 4") in line
+    assert not (output_dir / "stage1").exists()
+
+
+@needs_entry_point
+def test_a_folder_smaller_than_the_recipes_batch_trains_with_a_fitted_one(tmp_path: Path) -> None:
+    """The shipped 32px recipe (batches 64, 64, 128) on 24 images: every stage trains with batch 8, and says so."""
+    folder = tmp_path / "pictures"
+    jsonl(folder, [{"file_name": name, "text": f"picture {name}"} for name in images(folder, 24)])
+    output_dir = tmp_path / "run"
+    few_steps = [f"--{stage}.training.max_steps=2" for stage in ("stage1", "stage2", "scorer")]
+    result = dallekit("train", "--data", str(folder), "--image-size", "32", "--output-dir", str(output_dir),
+                      "--max-prompts", "2", *few_steps, cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage, batch in (("stage1", 64), ("stage2", 64), ("scorer", 128)):
+        assert (f"{stage}: the training split has 21 images (21 per process), fewer than the recipe's batch {batch}: "
+                f"training with batch 8 (choose with --{stage}.training.batch_size)") in result.stderr
+        saved = yaml.safe_load((output_dir / stage / "config.yaml").read_text())
+        assert saved["training"]["batch_size"] == 8
+    assert (output_dir / "pipeline" / "model_index.json").is_file()
 
 
 # ----------------------------------------------------------------------------- the library: the same checks, in-process
@@ -308,3 +346,30 @@ def test_the_card_holds_no_local_path_and_the_licence_given(pipe: TextToImagePip
     card = ModelCard.load(tmp_path / "hub" / "README.md")
     assert (card.data.license, card.data.license_name) == ("other", "my-own-terms-see-license.txt")
     assert "(someone/pictures)" in card.text  # a Hub id is kept
+
+
+@pytest.mark.parametrize(("num_images", "num_processes", "expected"), [(21, 1, 8), (21, 2, 4), (200, 2, 32), (5, 2, 2)])
+def test_fitted_batch_leaves_two_batches_per_process(num_images: int, num_processes: int, expected: int) -> None:
+    assert fitted_batch_size(num_images, num_processes) == expected
+    assert expected * num_processes <= num_images
+
+
+def test_batches_are_checked_for_every_stage_and_process_before_training(tmp_path: Path, caplog) -> None:
+    """On 2 processes: recipe batches are lowered, a chosen one is refused naming the stage, too few images refused."""
+    from pipelines.train import fit_batches_to_data
+
+    def configs() -> dict[str, Any]:
+        return {name: load_config(cls, ["--config", f"configs/{path}"]) for name, cls, path in
+                (("stage1", Stage1Config, "dvae/tiny.yaml"), ("stage2", Stage2Config, "prior/tiny.yaml"),
+                 ("scorer", ScorerTrainConfig, "scorer/tiny.yaml"))}  # batches 16, 16, 32
+
+    fitted = configs()
+    with caplog.at_level(logging.WARNING, logger="pipelines.train"):
+        fit_batches_to_data(fitted, train_images=40, num_processes=2, chosen=set())
+    assert [config.training.batch_size for config in fitted.values()] == [16, 16, 8]  # 32 x 2 > 40
+    assert "scorer: the training split has 40 images (20 per process), fewer than the recipe's batch 32" in caplog.text
+    with pytest.raises(ConfigError, match=r"scorer: training.batch_size 32 x 2 process\(es\) needs 64 training images, "
+                                          r"and the training split has 40: pass --scorer.training.batch_size 8"):
+        fit_batches_to_data(configs(), train_images=40, num_processes=2, chosen={"scorer"})
+    with pytest.raises(DataError, match=r"has 3 image\(s\), too few for 2 process\(es\): .* at least 4"):
+        fit_batches_to_data(configs(), train_images=3, num_processes=2, chosen=set())

@@ -50,7 +50,7 @@ from dallekit.training.checkpointing import (
     write_directory,
 )
 from dallekit.training.config import ConfigError, TrainingConfig, to_dict
-from dallekit.training.data import iterate_batches
+from dallekit.training.data import batches_per_epoch, iterate_batches
 from dallekit.training.optim import create_lr_scheduler, create_optimizer
 from dallekit.training.reporting import flat_hparams, format_metrics
 
@@ -318,12 +318,13 @@ def train(task: TrainingTask, accelerator: Accelerator | None = None) -> dict[st
     run_start = {"step": state.step, "images": state.images_seen, "tokens": state.tokens_seen}
     window = {"seconds": clock.seconds, "images": state.images_seen, "tokens": state.tokens_seen}
     pending_skipped = 0
+    first_pass = batches_per_epoch(train_loader) or float("inf")  # micro-batches of the first pass over the data
     model.train()
     while state.step < run.max_steps and not selection.should_stop:
         batch = next(batches)
         micro_batch = state.micro_batches
         state.micro_batches += 1  # the data position: a resumed run continues after this batch, even a skipped one
-        if isinstance(batch, dict):
+        if isinstance(batch, dict) and micro_batch < first_pass:  # each unreadable file counted once
             pending_skipped += batch.get("num_skipped", 0)
         if _any_process(accelerator, task.is_empty(batch)):  # every image of some process's batch was unreadable
             continue
