@@ -36,6 +36,16 @@ def _check_text_len(text_len: int) -> None:
         raise ValueError(f"text_len must be >= 2 (caption tokens plus <eos>), got {text_len}")
 
 
+def load_or_train_text_tokenizer(
+    path: str | None, captions: Iterable[str], vocab_size: int, text_len: int
+) -> PreTrainedTokenizerFast:
+    """The caption tokenizer saved at `path` (what a fine-tuned model keeps reading), or, without one, a new one
+    trained on `captions`."""
+    if path:
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return train_text_tokenizer(captions, vocab_size, text_len)
+
+
 def train_text_tokenizer(
     captions: Iterable[str], vocab_size: int = 1024, text_len: int = 32, min_frequency: int = 1
 ) -> PreTrainedTokenizerFast:

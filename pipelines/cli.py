@@ -2,11 +2,17 @@
 
     dallekit demo [--dataset digits|shapes|emoji] [--output-dir outputs/demo] [--image-size 32]
     dallekit train --data DIR_OR_HUB_ID [--image-size 64] [--output-dir outputs/train] [--caption-languages en es]
+                   [--init-from PIPELINE [--lora-rank 8] [--finetune-image-tokenizer]]
     dallekit generate --model DIR_OR_HUB_ID --prompt "..." [--prompt ...] [--num-images 8] [--candidates N]
-                      [--guidance-scale 3] [--top-k K] [--temperature T] [--seed 0] [--[no-]compile] --out samples.png
+                      [--guidance-scale 3] [--negative-prompt "..."] [--top-k K] [--temperature T] [--seed 0]
+                      [--[no-]compile] --out samples.png
+    dallekit edit --model DIR_OR_HUB_ID --image in.png (--mask mask.png | --strength S [--variation rows|random])
+                  [--prompt "..."] [--negative-prompt "..."] [--num-images 4] [--candidates N] [--paste-back]
+                  --out edits.png
     dallekit evaluate --model DIR_OR_HUB_ID [--dataset digits] [--guidance-scales 1 3 5] [--max-prompts N]
     dallekit evaluate-tokenizer --model DIR_OR_HUB_ID [--dataset digits] [--subfolder vqvae]
     dallekit serve --model DIR_OR_HUB_ID [--host 127.0.0.1] [--port 7860] [--[no-]compile]   (needs the `web` extra)
+    (generate, edit and serve take --lora DIR_OR_HUB_ID, repeated for several adapters)
 
 User errors (a missing model, an unknown dataset, a bad number) print one line and exit with 2.
 """
@@ -70,17 +76,24 @@ def _check_model_location(model: str) -> None:
         raise UserError(f"model directory {model} does not exist (give a saved pipeline directory or a Hub id)")
 
 
-def _load_pipeline(model: str):
-    """The saved pipeline at `model` (a directory or Hub id), on the accelerator when there is one."""
+def _load_pipeline(model: str, adapters: list[str] | None = None):
+    """The saved pipeline at `model` (a directory or Hub id), on the accelerator when there is one, with the LoRA
+    adapters `adapters` (directories or Hub ids) loaded and active."""
     import torch
 
     from pipelines.text_to_image import TextToImagePipeline
 
     _check_model_location(model)
     try:
-        return TextToImagePipeline.from_pretrained(model, device=torch.accelerator.current_accelerator())
+        pipe = TextToImagePipeline.from_pretrained(model, device=torch.accelerator.current_accelerator())
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load a pipeline from {model!r}: {str(error).splitlines()[0]}") from None
+    for adapter in adapters or []:
+        try:
+            pipe.load_lora_weights(adapter)
+        except ValueError as error:  # LoraAdapterError: missing, unreadable, or made for another prior
+            raise UserError(f"--lora {adapter}: {str(error).splitlines()[0]}") from None
+    return pipe.to(pipe.device)
 
 
 def _check_builtin(dataset: str) -> None:
@@ -103,7 +116,10 @@ def _train(args: argparse.Namespace) -> None:
     try:
         metrics = train_pipeline(data, args.output_dir, args.image_size, args.stage1_config, args.stage2_config,
                                  args.scorer_config, data_overrides=overrides, stage_overrides=args.stage_overrides,
-                                 overwrite=args.overwrite, data_license=args.license, caption_column=args.caption_column, max_prompts=args.max_prompts)
+                                 overwrite=args.overwrite, data_license=args.license,
+                                 caption_column=args.caption_column, max_prompts=args.max_prompts,
+                                 init_from=args.init_from, finetune_image_tokenizer=args.finetune_image_tokenizer,
+                                 lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
     except (ConfigError, FileNotFoundError) as error:
         raise UserError(str(error).splitlines()[0]) from None
     if not metrics:  # another process of an `accelerate launch`: the main one evaluates and reports
@@ -121,33 +137,44 @@ def _compile_mode(args: argparse.Namespace) -> bool | str:
     return "auto" if args.compile is None else args.compile
 
 
-def _generate(args: argparse.Namespace) -> None:
-    """Draw `--num-images` images for each `--prompt` into one grid (one row per prompt), the best of
-    `--candidates` by the pipeline's scorer when given; print the scores when there is a scorer."""
-    import torch
-
-    from dallekit.training.images import save_image_grid
+def _check_sampling_arguments(args: argparse.Namespace, num_prompts: int) -> None:
+    """What `generate` and `edit` refuse before the pipeline loads: the output's format, fewer candidates than
+    images, a call too large for one grid, a scale that is not a number."""
+    from pipelines.text_to_image import check_call_limits
 
     if args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UserError(f"--out {args.out} must end in .png, .jpg or .webp")
     if args.candidates is not None and args.candidates < args.num_images:
         raise UserError(f"--candidates {args.candidates} is fewer than --num-images {args.num_images}: "
                         "the best --num-images of --candidates drawn per prompt are kept")
-    from pipelines.text_to_image import check_call_limits
-
-    try:  # before the pipeline loads: a call too large for one grid, or a scale that is not a number, fails at once
-        check_call_limits(len(args.prompt), args.num_images, args.candidates, args.guidance_scale, args.temperature)
+    try:
+        check_call_limits(num_prompts, args.num_images, args.candidates, args.guidance_scale, args.temperature)
     except ValueError as error:
         raise UserError(str(error)) from None
+
+
+def _sampling_settings(args: argparse.Namespace, pipe) -> dict:
+    """The pipeline call's keyword arguments shared by `generate` and `edit`."""
+    import torch
+
+    return {"num_images_per_prompt": args.num_images, "num_candidates": args.candidates,
+            "guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt,
+            "temperature": args.temperature, "top_k": args.top_k, "output_type": "pt",
+            "generator": torch.Generator(device=pipe.device).manual_seed(args.seed), "compile": _compile_mode(args)}
+
+
+def _generate(args: argparse.Namespace) -> None:
+    """Draw `--num-images` images for each `--prompt` into one grid (one row per prompt), the best of
+    `--candidates` by the pipeline's scorer when given; print the scores when there is a scorer."""
+    from dallekit.training.images import save_image_grid
+
+    _check_sampling_arguments(args, len(args.prompt))
     reranking = args.candidates is not None and args.candidates > args.num_images
-    pipe = _load_pipeline(args.model)
+    pipe = _load_pipeline(args.model, args.lora)
     if reranking and pipe.scorer is None:
         raise UserError(f"--candidates needs a pipeline with a scorer to rerank, and {args.model} has none "
                         "(dallekit demo saves one; or drop --candidates)")
-    generator = torch.Generator(device=pipe.device).manual_seed(args.seed)
-    output = pipe(args.prompt, num_images_per_prompt=args.num_images, num_candidates=args.candidates,
-                  guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-                  generator=generator, output_type="pt", compile=_compile_mode(args))
+    output = pipe(args.prompt, **_sampling_settings(args, pipe))
     labels = [textwrap.shorten(prompt, width=ROW_LABEL_WIDTH, placeholder=" ...") for prompt in args.prompt]
     save_image_grid(output.images, args.out, num_rows=len(args.prompt), scale=args.scale, row_labels=labels)
     drawn = f", the best of {args.candidates} per prompt by the scorer" if reranking else ""
@@ -155,6 +182,51 @@ def _generate(args: argparse.Namespace) -> None:
     if output.scores is not None:
         for prompt, scores in zip(args.prompt, output.scores.view(len(args.prompt), -1).tolist()):
             print(f"scores for {prompt!r}: {' '.join(f'{score:.3f}' for score in scores)}")
+
+
+def _read_image(path: Path, flag: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, UnidentifiedImageError) as error:
+        raise UserError(f"{flag} {path}: not an image that can be read ({str(error).splitlines()[0]})") from None
+
+
+def _edit(args: argparse.Namespace) -> None:
+    """Edit `--image`: repaint under `--mask` (white: repaint), or resample a `--strength` share of its codes;
+    write one row: the image as the model reads it, then the edits."""
+    import warnings
+
+    import torch
+
+    from dallekit.training.images import save_image_grid
+    from pipelines.editing import image_pixels
+
+    if (args.mask is None) == (args.strength is None):
+        raise UserError("give --mask MASK.png (white: the region to repaint) or --strength S (the share of the "
+                        "image's codes to resample, 0 to 1), one of the two")
+    _check_sampling_arguments(args, 1)
+    image = _read_image(args.image, "--image")
+    mask = _read_image(args.mask, "--mask") if args.mask is not None else None
+    pipe = _load_pipeline(args.model, args.lora)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            output = pipe(args.prompt, image=image, mask_image=mask, strength=args.strength,
+                          variation=args.variation, paste_back=args.paste_back, **_sampling_settings(args, pipe))
+        except ValueError as error:
+            raise UserError(str(error).splitlines()[0]) from None
+        original = image_pixels(image, pipe.vqvae.config.image_size)
+    for message in dict.fromkeys(str(warning.message) for warning in caught):
+        print(f"dallekit edit: note: {message}", file=sys.stderr)
+    label = textwrap.shorten(args.prompt or "(no prompt)", width=ROW_LABEL_WIDTH, placeholder=" ...")
+    save_image_grid(torch.cat([original, output.images]), args.out, num_rows=1, scale=args.scale,
+                    row_labels=[f"{label}: the image, then {len(output.images)} edits"])
+    how = f"under {args.mask}" if mask is not None else f"{args.strength:.0%} of the codes ({args.variation})"
+    print(f"{len(output.images)} edits of {args.image}, {how}: {args.out}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -214,7 +286,7 @@ def _serve(args: argparse.Namespace) -> None:
             raise
         raise UserError('the web page needs Gradio, which is not installed: pip install -e ".[web]" '
                         "(from the dallekit checkout)") from None
-    app = build_app(_load_pipeline(args.model), compile=_compile_mode(args))
+    app = build_app(_load_pipeline(args.model, args.lora), compile=_compile_mode(args))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request the page makes
     try:
         app.launch(server_name=args.host, server_port=args.port)
@@ -268,6 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
                              help="the metadata column holding the captions (default: text)")
         command.add_argument("--license", default=None,
                              help="the licence of your images (an SPDX id such as cc-by-4.0), for the model card")
+        command.add_argument("--init-from", default=None, metavar="DIR_OR_HUB_ID",
+                             help="fine-tune this saved pipeline on the data instead of training from scratch (its "
+                                  "image tokenizer is kept frozen, its caption tokenizers kept)")
+        command.add_argument("--finetune-image-tokenizer", action="store_true",
+                             help="with --init-from: train the image tokenizer too (the codes are encoded anew)")
+        command.add_argument("--lora-rank", type=int, default=0,
+                             help="with --init-from: train LoRA adapters of this rank on the prior instead of all of "
+                                  "its weights (e.g. 8; default 0: full fine-tuning)")
+        command.add_argument("--lora-alpha", type=_positive_float, default=16.0, help="LoRA's scaling numerator")
         command.set_defaults(run=_train)
     for command in (demo, train):
         command.epilog = ("Per-stage config overrides, validated like the YAML: --stage1.training.max_steps 200, "
@@ -280,17 +361,37 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--candidates", type=_positive_int, default=None,
                           help="draw this many per prompt and keep the --num-images the pipeline's scorer ranks "
                                "best (default: no reranking)")
-    generate.add_argument("--guidance-scale", type=_positive_float, default=3.0)
-    generate.add_argument("--temperature", type=_positive_float, default=1.0)
-    generate.add_argument("--top-k", type=_positive_int, default=None)
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                          help="compile the prior's sampling step with torch.compile at once (pays for hundreds of "
-                               "candidates; seconds to tens of seconds first on a CPU), or never (--no-compile); "
-                               "default: once a setting has spent 10 s sampling")
-    generate.add_argument("--scale", type=_positive_int, default=2, help="enlarge each image this many times")
-    generate.add_argument("--out", required=True, type=Path, help="the grid image to write (PNG)")
     generate.set_defaults(run=_generate)
+    edit = commands.add_parser("edit", help="repaint a region of an image (inpainting), or draw variations of it")
+    edit.add_argument("--model", required=True, help="directory or Hub id of a saved pipeline")
+    edit.add_argument("--image", required=True, type=Path, help="the image to edit (resized to the model's size)")
+    edit.add_argument("--mask", type=Path, default=None,
+                      help="an image of the same size: white where to repaint, black where to keep")
+    edit.add_argument("--strength", type=float, default=None,
+                      help="instead of a mask: the share of the image's codes to resample, from 0 to 1")
+    edit.add_argument("--variation", choices=("rows", "random"), default="rows",
+                      help="with --strength: resample the last codes (complete the top of the image) or random ones")
+    edit.add_argument("--prompt", default=None, help="what the edit should show (optional)")
+    edit.add_argument("--paste-back", action="store_true",
+                      help="put the original pixels back outside the repainted region (with a soft edge)")
+    edit.add_argument("--num-images", type=_positive_int, default=4, help="edits to draw (default: 4)")
+    edit.add_argument("--candidates", type=_positive_int, default=None,
+                      help="draw this many and keep the --num-images that fit best: inpainting ranks by how likely "
+                           "the prior finds the kept codes after the region (and the scorer, when there is one)")
+    edit.set_defaults(run=_edit)
+    for command in (generate, edit):
+        command.add_argument("--guidance-scale", type=_positive_float, default=3.0)
+        command.add_argument("--negative-prompt", default=None,
+                             help="what guidance steers away from (instead of the empty caption)")
+        command.add_argument("--temperature", type=_positive_float, default=1.0)
+        command.add_argument("--top-k", type=_positive_int, default=None)
+        command.add_argument("--seed", type=int, default=0)
+        command.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                             help="compile the prior's sampling step with torch.compile at once (pays for hundreds "
+                                  "of candidates; seconds to tens of seconds first on a CPU), or never "
+                                  "(--no-compile); default: once a setting has spent 10 s sampling")
+        command.add_argument("--scale", type=_positive_int, default=2, help="enlarge each image this many times")
+        command.add_argument("--out", required=True, type=Path, help="the grid image to write (PNG)")
 
     evaluate = commands.add_parser(
         "evaluate", help="R-precision, CLIPScore, adherence (labelled data), Fréchet distance, copy rates as JSON")
@@ -320,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(which waits for it), or never (--no-compile); default: once a size and setting "
                             "has spent 10 s sampling")
     serve.set_defaults(run=_serve)
+    for command in (generate, edit, serve):
+        command.add_argument("--lora", action="append", default=None, metavar="DIR_OR_HUB_ID",
+                             help="a LoRA adapter of the prior to sample with (peft's format); repeat for several")
     return parser
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from stage2_prior import lora
+
 LIBRARY_NAME = "dallekit"
 
 
@@ -161,6 +163,8 @@ def make_model_card(
         library_name=LIBRARY_NAME,
         pipeline_tag="text-to-image",
         tags=["dallekit", "text-to-image", "dall-e", "autoregressive", quantizer],
+        # the pipeline a fine-tuning run started from (`dallekit train --init-from`), a Hub id where it was one
+        **({"base_model": public_location(info["base_model"])} if info.get("base_model") else {}),
         dallekit=info,
     )
     dataset = info.get("dataset")
@@ -188,6 +192,9 @@ def make_model_card(
         "",
         info.get("data_description") or (f"`{dataset}`" if dataset else "Not recorded."),
         "",
+        *([f"Fine-tuned from `{public_location(info['base_model'])}`"
+           + (f", with the LoRA adapter(s) {', '.join(f'`{name}`' for name in adapters)} of the prior in `lora/`"
+              if (adapters := pipe.get_list_adapters()) else "") + ".", ""] if info.get("base_model") else []),
         *([f"Licence of the training data, which this model carries: {info['license']}. "
            f"{info.get('attribution') or ''}".rstrip(), ""] if info.get("license") else []),
     ]
@@ -222,3 +229,41 @@ def make_model_card(
 def read_training_info(card: ModelCard) -> dict[str, Any]:
     """The `training_info` a card was written with (empty for a card that dallekit did not write)."""
     return dict(card.data.to_dict().get(LIBRARY_NAME) or {})
+
+
+def make_adapter_card(pipe, adapter_name: str, base_model: str | None, training_info: dict[str, Any] | None = None,
+                      ) -> ModelCard:
+    """The card of a LoRA adapter of `pipe`'s prior, published alone: what it adapts (`base_model`, a pipeline's
+    Hub id or name), its settings, and the data and metrics of its training."""
+    info = public_training_info(training_info or {})
+    base = public_location(base_model) if base_model else None
+    layer = next(layer for layer in lora.lora_layers(pipe.prior) if adapter_name in layer.lora_A)
+    targets = lora.adapted_modules(pipe.prior, adapter_name)
+    data = ModelCardData(library_name=LIBRARY_NAME, tags=["dallekit", "text-to-image", "lora", "peft"],
+                         **({"base_model": base} if base else {}), **license_metadata(info), dallekit=info)
+    usage = [
+        "```python",
+        "from pipelines import TextToImagePipeline",
+        "",
+        f'pipe = TextToImagePipeline.from_pretrained("{base or "BASE_PIPELINE"}")',
+        'pipe.load_lora_weights("THIS_REPOSITORY", adapter_name="' + adapter_name + '")',
+        f'images = pipe("{info.get("example_prompt", "a caption")}", num_images_per_prompt=4).images',
+        "```",
+    ]
+    sections = [
+        f"# LoRA adapter `{adapter_name}` for a dallekit prior",
+        "",
+        f"A LoRA adapter (peft's format) of the prior of {f'`{base}`' if base else 'a dallekit pipeline'}: rank "
+        f"{layer.r[adapter_name]}, alpha {layer.lora_alpha[adapter_name]}, on the decoder's "
+        f"{', '.join(targets)} projections.",
+        "",
+        "## Training data",
+        "",
+        info.get("data_description") or "Not recorded.",
+        "",
+        *([_metrics_section(info["metrics"])] if info.get("metrics") else []),
+        "## Usage",
+        "",
+        *usage,
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(sections) + "\n")

@@ -13,9 +13,12 @@ that is there but cannot be read raises `PipelineLoadError` naming the file and 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,14 +32,22 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from dallekit.data import ImageTransform
 from dallekit.modeling_utils import inference_dtype, to_uint8
 from dallekit.scorer import ScorerModel, TextImageScorer
 from dallekit.text_tokenizer import encode_captions
-from pipelines.model_card import dallekit_version, make_model_card, read_training_info
+from pipelines.editing import (
+    Variation,
+    cells_to_pixels,
+    cells_touched,
+    image_pixels,
+    mask_pixels,
+    strength_cells,
+)
+from pipelines.editing import paste_back as paste_back_pixels
+from pipelines.model_card import dallekit_version, make_adapter_card, make_model_card, read_training_info
 from pipelines.space import require_gradio, write_space
 from stage1_dvae import DVAEModel
-from stage2_prior import PriorModel
+from stage2_prior import PriorModel, lora
 
 ModelT = TypeVar("ModelT", DVAEModel, PriorModel, ScorerModel)
 MODEL_INDEX = "model_index.json"
@@ -53,12 +64,25 @@ COMPONENTS = {
     "tokenizer": ("transformers", "PreTrainedTokenizerFast"),
 }
 OPTIONAL_COMPONENTS = {"scorer": ("scorer", "TextImageScorer")}  # saved and listed only when present
+LORA_DIR = "lora"  # the prior's LoRA adapters saved with a pipeline: lora/<name>/, peft's format
 REQUIRED_FILES = {
     "vqvae": ("config.json", "model.safetensors"),
     "prior": ("config.json", "model.safetensors"),
     "tokenizer": ("tokenizer.json",),
     "scorer": ("config.json", "model.safetensors", "tokenizer.json"),
 }
+
+
+def pipeline_directory(pretrained_path_or_repo_id: str | Path, revision: str | None = None,
+                       token: str | bool | None = None, cache_dir: str | Path | None = None) -> Path:
+    """The local directory of a saved pipeline: the path itself, or a Hub repository's snapshot in the Hub cache."""
+    location = Path(pretrained_path_or_repo_id)
+    if location.is_dir():
+        return location
+    return Path(snapshot_download(
+        str(pretrained_path_or_repo_id), revision=revision, token=token, cache_dir=cache_dir,
+        allow_patterns=["*.json", "*.safetensors", "*.txt", "README.md"],  # lora/<name>/ included
+    ))
 
 
 def check_call_limits(num_prompts: int, num_images_per_prompt: int, num_candidates: int | None = None,
@@ -210,12 +234,7 @@ class TextToImagePipeline:
         cache_dir: str | Path | None = None,
     ) -> TextToImagePipeline:
         """Load a pipeline from a local directory or a Hub repository (through the Hub cache)."""
-        location = Path(pretrained_path_or_repo_id)
-        if not location.is_dir():
-            location = Path(snapshot_download(
-                str(pretrained_path_or_repo_id), revision=revision, token=token, cache_dir=cache_dir,
-                allow_patterns=["*.json", "*.safetensors", "*.txt", "README.md"],
-            ))
+        location = pipeline_directory(pretrained_path_or_repo_id, revision, token, cache_dir)
         index_path = location / MODEL_INDEX
         if not index_path.is_file():
             raise FileNotFoundError(f"{location} has no {MODEL_INDEX}: it is not a saved TextToImagePipeline")
@@ -249,6 +268,10 @@ class TextToImagePipeline:
             scorer=scorer,
             training_info=training_info,
         )
+        if LORA_DIR in index:  # adapters saved with the pipeline
+            for name in index[LORA_DIR]["adapters"]:
+                lora.load_lora(pipe.prior, location / LORA_DIR / name, adapter_name=name)
+            pipe.set_adapters(index[LORA_DIR]["active"])
         return pipe.to(device) if device is not None else pipe
 
     def save_pretrained(
@@ -262,7 +285,15 @@ class TextToImagePipeline:
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.vqvae.save_pretrained(directory / "vqvae")
-        self.prior.save_pretrained(directory / "prior")
+        adapters = lora.adapter_names(self.prior)
+        base_prior = self.prior
+        if adapters:  # the base prior's weights, and each adapter apart in lora/<name>/ (loaded active again)
+            base_prior = copy.deepcopy(self.prior)
+            lora.delete_adapters(base_prior)
+            shutil.rmtree(directory / LORA_DIR, ignore_errors=True)
+            for name in adapters:
+                lora.save_lora(self.prior, directory / LORA_DIR / name, name)
+        base_prior.save_pretrained(directory / "prior")
         self.tokenizer.save_pretrained(directory / "tokenizer")
         components = dict(COMPONENTS)
         if self.scorer is not None:
@@ -270,6 +301,8 @@ class TextToImagePipeline:
             components |= OPTIONAL_COMPONENTS
         index = {"_class_name": type(self).__name__, "_dallekit_version": dallekit_version()}
         index |= {name: list(library_and_class) for name, library_and_class in components.items()}
+        if adapters:
+            index[LORA_DIR] = {"adapters": adapters, "active": self.get_active_adapters()}
         (directory / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         make_model_card(self, repo_id or str(directory), self.training_info, space_id).save(directory / "README.md")
         return directory
@@ -305,20 +338,89 @@ class TextToImagePipeline:
                 api.upload_folder(repo_id=space_id, folder_path=space_folder, repo_type="space", commit_message=message)
         return commit
 
+    # ---- LoRA adapters of the prior (diffusers' names) ------------------------------------------
+
+    def load_lora_weights(self, pretrained_path_or_repo_id: str | Path, adapter_name: str | None = None,
+                          token: str | bool | None = None) -> str:
+        """Load a LoRA adapter of the prior (a directory or Hub id in peft's format, saved by `save_lora_weights`
+        or `dallekit train --lora-rank`), active alongside those already active; returns its name (default: the
+        directory's name)."""
+        name = adapter_name or Path(str(pretrained_path_or_repo_id)).name or "default"
+        active = self.get_active_adapters()
+        lora.load_lora(self.prior, pretrained_path_or_repo_id, adapter_name=name, token=token)
+        lora.set_adapters(self.prior, [*active, name])
+        return name
+
+    def save_lora_weights(self, save_directory: str | Path, adapter_name: str = "default",
+                          base_model: str | None = None) -> Path:
+        """Write the prior's adapter `adapter_name` alone, in peft's format, with its model card (`README.md`:
+        `base_model`, the pipeline it adapts, and this pipeline's `training_info`)."""
+        directory = lora.save_lora(self.prior, save_directory, adapter_name)
+        make_adapter_card(self, adapter_name, base_model, self.training_info).save(directory / "README.md")
+        return directory
+
+    def push_lora_to_hub(self, repo_id: str, adapter_name: str = "default", base_model: str | None = None,
+                         private: bool | None = None, token: str | bool | None = None) -> CommitInfo:
+        """Upload the adapter `adapter_name` alone, with its model card, to the Hub model repository `repo_id`."""
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory(prefix="dallekit-lora-") as folder:
+            directory = self.save_lora_weights(folder, adapter_name, base_model)
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            message = f"Upload LoRA adapter {adapter_name} (dallekit {dallekit_version()})"
+            return api.upload_folder(repo_id=repo_id, folder_path=directory, repo_type="model", commit_message=message)
+
+    def get_list_adapters(self) -> list[str]:
+        return lora.adapter_names(self.prior)
+
+    def get_active_adapters(self) -> list[str]:
+        layers = lora.lora_layers(self.prior)
+        return list(layers[0].active_adapters) if layers else []
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None) -> None:
+        """Sample with the adapters `adapter_names`, each scaled by its weight (1: as trained)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = [adapter_weights] if isinstance(adapter_weights, (int, float)) else adapter_weights
+        lora.set_adapters(self.prior, names, weights)
+
+    def disable_lora(self) -> None:
+        """Sample with the base prior, adapters kept loaded (`enable_lora` switches them back on)."""
+        lora.enable_adapters(self.prior, False)
+
+    def enable_lora(self) -> None:
+        lora.enable_adapters(self.prior, True)
+
+    def fuse_lora(self) -> None:
+        """Merge the active adapters into the prior's weights (`unfuse_lora` takes them out again)."""
+        lora.fuse(self.prior)
+
+    def unfuse_lora(self) -> None:
+        lora.unfuse(self.prior)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter: the base prior's weights and samples come back exactly."""
+        lora.delete_adapters(self.prior)
+
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        lora.delete_adapters(self.prior, [adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+
     # ---- generation ---------------------------------------------------------------------------
 
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         guidance_scale: float = 3.0,
+        negative_prompt: str | list[str] | None = None,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
-        init_image: torch.Tensor | Image.Image | list[Image.Image] | None = None,
-        init_rows: int = 0,
+        image: Image.Image | torch.Tensor | None = None,
+        mask_image: Image.Image | torch.Tensor | None = None,
+        strength: float | None = None,
+        variation: Variation = "rows",
+        paste_back: bool = False,
         num_candidates: int | None = None,
         scorer: TextImageScorer | None = None,
         batch_size: int = 64,
@@ -328,6 +430,18 @@ class TextToImagePipeline:
         compile: bool | Literal["auto"] = "auto",
     ) -> TextToImageOutput | tuple:
         """Images for `prompt` (one or a list), `num_images_per_prompt` each.
+
+        `negative_prompt` (one, or one per prompt) is what classifier-free guidance steers away from: the
+        unconditional branch reads it instead of the empty caption (`guidance_scale` > 1 needed).
+        Editing `image` (a PIL image of any size and mode, or a tensor [3, S, S] in [-1, 1]; edited for
+        every prompt, which is then optional): `mask_image` (white: repaint) resamples the code cells the
+        mask touches and forces the others in raster order (inpainting); `strength` s in [0, 1] resamples
+        a share s of the code grid instead (a variation): its last codes (`variation="rows"`, completing
+        the image's top) or cells drawn at random (`"random"`). `paste_back` puts the original pixels
+        back outside the repainted region, across a soft edge. Inpainting candidates (`num_candidates`)
+        are ranked by how likely the prior finds the kept codes that follow the region (a causal prior
+        draws the region seeing only what lies above and left of it), plus the scorer's similarity where
+        there is a scorer (the two standardised over a prompt's candidates and added).
 
         The prior samples `num_candidates` (default `num_images_per_prompt`) per prompt, in prior
         calls of at most `batch_size` sequences; the scorer (`scorer`, else `self.scorer`) scores each
@@ -339,9 +453,12 @@ class TextToImagePipeline:
         server or a large batch of candidates compiles and one short call does not; `True` compiles at
         once (seconds to tens of seconds per batch size on a CPU), `False` never.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if prompt is None and image is None:
+            raise ValueError("give a prompt (a prompt is optional only when editing an image: image=...)")
+        prompts = [""] if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or num_images_per_prompt < 1:
             raise ValueError("give at least one prompt and num_images_per_prompt >= 1")
+        negatives = self._negative_prompts(negative_prompt, len(prompts), guidance_scale)
         check_call_limits(len(prompts), num_images_per_prompt, num_candidates, guidance_scale, temperature)
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
@@ -354,45 +471,58 @@ class TextToImagePipeline:
                 "the best num_images_per_prompt of num_candidates drawn are kept"
             )
         scorer = self._checked_scorer(scorer) if scorer is not None else self.scorer
-        if num_candidates > num_images_per_prompt and scorer is None:
+        edit = self._edit(image, mask_image, strength, variation, generator)
+        ranks_by_fit = edit is not None and bool(edit.kept_after.any())
+        if num_candidates > num_images_per_prompt and scorer is None and not ranks_by_fit:
             raise ValueError(
                 f"num_candidates={num_candidates} > num_images_per_prompt={num_images_per_prompt} needs a scorer to "
                 "choose the images: pass scorer=TextImageScorer.from_pretrained(dir), or load a pipeline saved with "
                 "one (pipe.scorer)"
             )
-        text_ids = encode_captions(self.tokenizer, prompts, self.prior.config.text_len).to(self.device)
+        text_len = self.prior.config.text_len
+        text_ids = encode_captions(self.tokenizer, prompts, text_len).to(self.device)
         text_ids = text_ids.repeat_interleave(num_candidates, dim=0)  # [P * N, text_len], prompt-major
+        negative_ids = None
+        if negatives is not None:
+            negative_ids = encode_captions(self.tokenizer, negatives, text_len).to(self.device)
+            negative_ids = negative_ids.repeat_interleave(num_candidates, dim=0)
         captions = [caption for caption in prompts for _ in range(num_candidates)]
-        init_codes = None
-        if init_rows:
-            if init_image is None:
-                raise ValueError("init_rows needs init_image: the image whose first rows of codes are kept")
-            init_codes = self.vqvae.encode(self._init_pixels(init_image)).to(self.device)
-            init_codes = init_codes.expand(text_ids.shape[0], -1, -1) if init_codes.shape[0] == 1 else (
-                init_codes.repeat_interleave(num_candidates, dim=0))
-        codes, pixels, scores = [], [], []
+        codes, pixels, scores, fits = [], [], [], []
         starts = range(0, len(text_ids), batch_size)
         bar = tqdm(total=len(starts), desc="candidate batches", unit="batch", disable=not progress or len(starts) == 1)
         for start in starts:  # the bar is updated, not iterated (see `PriorModel.generate`)
             batch = slice(start, start + batch_size)
+            rows = len(text_ids[batch])
             batch_codes = self.prior.generate(
                 text_ids[batch], guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                generator=generator, init_codes=None if init_codes is None else init_codes[batch],
-                init_rows=init_rows, progress=progress, compile=compile,
+                generator=generator, negative_text_ids=None if negative_ids is None else negative_ids[batch],
+                init_codes=None if edit is None else edit.codes.expand(rows, -1, -1),
+                keep_mask=None if edit is None else edit.kept.expand(rows, -1, -1),
+                progress=progress, compile=compile,
             )
             codes.append(batch_codes)
-            pixels.append(self._decode(batch_codes))
+            batch_pixels = self._decode(batch_codes)
+            if edit is not None and paste_back:
+                batch_pixels = paste_back_pixels(batch_pixels, edit.pixels.cpu(), edit.repaint.cpu())
+            pixels.append(batch_pixels)
             if scorer is not None:
                 scores.append(scorer.score(pixels[-1], captions[batch]))
+            if ranks_by_fit and num_candidates > num_images_per_prompt:
+                fits.append(self._fit(text_ids[batch], batch_codes, edit.kept_after))
             bar.update()
         bar.close()
         codes, pixels = torch.cat(codes), torch.cat(pixels)
         scores = torch.cat(scores) if scorer is not None else None
         if num_candidates > num_images_per_prompt:  # keep the best k of each prompt's N, best first
-            ranked = scores.view(len(prompts), num_candidates).sort(dim=1, descending=True, stable=True).indices
+            ranking = scores.view(len(prompts), num_candidates) if scores is not None else None
+            if fits:
+                fit = torch.cat(fits).cpu().view(len(prompts), num_candidates)
+                ranking = _standardised(fit) + (_standardised(ranking) if ranking is not None else 0)
+            ranked = ranking.sort(dim=1, descending=True, stable=True).indices
             first = num_candidates * torch.arange(len(prompts)).unsqueeze(1)  # each prompt's first candidate
             keep = (first + ranked[:, :num_images_per_prompt]).flatten()
-            codes, pixels, scores = codes[keep.to(codes.device)], pixels[keep], scores[keep]
+            codes, pixels = codes[keep.to(codes.device)], pixels[keep]
+            scores = scores[keep] if scores is not None else None
         images: list[Image.Image] | np.ndarray | torch.Tensor = pixels
         if output_type != "pt":
             images = to_uint8(pixels)
@@ -410,11 +540,65 @@ class TextToImagePipeline:
         with torch.autocast(weights.device.type, dtype=dtype, enabled=dtype != weights.dtype):
             return self.vqvae.decode(codes.to(weights.device)).float().cpu()
 
-    def _init_pixels(self, init_image: torch.Tensor | Image.Image | list[Image.Image]) -> torch.Tensor:
-        if isinstance(init_image, torch.Tensor):
-            pixels = init_image if init_image.ndim == 4 else init_image.unsqueeze(0)
+    def _negative_prompts(self, negative_prompt: str | list[str] | None, num_prompts: int,
+                          guidance_scale: float) -> list[str] | None:
+        """One negative caption per prompt, or None (the empty caption)."""
+        if negative_prompt is None:
+            return None
+        negatives = [negative_prompt] * num_prompts if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != num_prompts:
+            raise ValueError(f"negative_prompt: give one, or one per prompt ({num_prompts}), got {len(negatives)}")
+        if guidance_scale == 1.0:
+            warnings.warn("negative_prompt has no effect at guidance_scale 1.0 (no guidance): use e.g. 3.0",
+                          UserWarning, stacklevel=3)
+        return negatives
+
+    def _edit(self, image: Image.Image | torch.Tensor | None, mask_image: Image.Image | torch.Tensor | None,
+              strength: float | None, variation: Variation, generator: torch.Generator | None) -> Edit | None:
+        """The image's codes and which cells to resample, or None when the call draws from scratch."""
+        if image is None:
+            if mask_image is not None or strength is not None:
+                raise ValueError("mask_image and strength edit an image: pass the image too (image=...)")
+            return None
+        if (mask_image is None) == (strength is None):
+            raise ValueError("editing an image needs mask_image= (white: the region to repaint) or strength= (the "
+                             "share of the code grid to resample, in [0, 1]), one of the two")
+        size, grid = self.vqvae.config.image_size, self.prior.config.image_grid_size
+        pixels = image_pixels(image, size)
+        if mask_image is not None:
+            repaint = mask_pixels(mask_image, image, size)
+            resampled = cells_touched(repaint, grid)
         else:
-            transform = ImageTransform(self.vqvae.config.image_size)
-            images = init_image if isinstance(init_image, list) else [init_image]
-            pixels = torch.stack([transform(image) for image in images])
-        return pixels.to(next(self.vqvae.parameters()).device)
+            resampled = strength_cells(float(strength), grid, variation, generator)
+            repaint = cells_to_pixels(resampled, size)
+        vqvae_device = next(self.vqvae.parameters()).device
+        codes = self.vqvae.encode(pixels.to(vqvae_device)).to(self.device)
+        kept = ~resampled.view(1, grid, grid).to(self.device)
+        flat = resampled.flatten()
+        first_resampled = int(flat.nonzero()[0]) if flat.any() else flat.numel()
+        after = torch.arange(flat.numel(), device=self.device).view(1, grid, grid) > first_resampled
+        return Edit(pixels=pixels, codes=codes, kept=kept, repaint=repaint, kept_after=kept & after)
+
+    def _fit(self, text_ids: torch.Tensor, codes: torch.Tensor, kept_after: torch.Tensor) -> torch.Tensor:
+        """[B] mean log-likelihood of the kept codes after the repainted region, given the caption and the codes
+        before them: how well a candidate region agrees with what follows it."""
+        log_likelihoods = self.prior.code_log_likelihoods(text_ids, codes)
+        return (log_likelihoods * kept_after).sum(dim=(1, 2)) / kept_after.sum()
+
+
+@dataclass
+class Edit:
+    """An image to edit: its pixels [1, 3, S, S] and codes [1, g, g], the cells kept [1, g, g], the repainted
+    pixels [S, S], and the kept cells after the first resampled one [1, g, g] (what inpainting ranks by)."""
+
+    pixels: torch.Tensor
+    codes: torch.Tensor
+    kept: torch.Tensor
+    repaint: torch.Tensor
+    kept_after: torch.Tensor
+
+
+def _standardised(values: torch.Tensor) -> torch.Tensor:
+    """`values` [P, N] standardised over each row (a prompt's candidates)."""
+    values = values.float()
+    return (values - values.mean(dim=1, keepdim=True)) / (values.std(dim=1, keepdim=True) + 1e-6)

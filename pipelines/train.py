@@ -10,6 +10,7 @@ captions, and saves the pipeline with its model card:
     output_dir/stage2/      the prior's run (checkpoints, logs, sample grids, prior/, tokenizer/)
     output_dir/scorer/      the reranking scorer's run (checkpoints, logs, scorer/)
     output_dir/pipeline/    the saved TextToImagePipeline (with its scorer) and its model card
+    output_dir/lora/        with --init-from and --lora-rank: the prior's adapter alone, with its card
     output_dir/samples.png  one row per prompt, the prompt written beside it
     output_dir/metrics.json stage-1, stage-2 and scorer validation metrics, the evaluation, the time taken
 
@@ -41,7 +42,7 @@ from dallekit.data.sources import check_source_exists
 from dallekit.evaluation import EVALUATION_SEED, evaluate_pipeline
 from dallekit.evaluation.classifier import LABELLED_DATASETS
 from dallekit.evaluation.reconstruction import judge_reconstructions
-from dallekit.scorer import TextImageScorer
+from dallekit.scorer import ScorerConfig, TextImageScorer
 from dallekit.scorer.train import ScorerTrainConfig
 from dallekit.scorer.train import train as train_scorer
 from dallekit.training.accelerator import create_accelerator, resolve_mixed_precision
@@ -50,11 +51,11 @@ from dallekit.training.config import ConfigError, load_config, recipe_exists, re
 from dallekit.training.data import MIN_BATCH_SIZE, fitted_batch_size
 from dallekit.training.images import save_image_grid
 from pipelines.judges import load_or_train_judge
-from pipelines.text_to_image import TextToImagePipeline
-from stage1_dvae import DVAEModel
+from pipelines.text_to_image import TextToImagePipeline, pipeline_directory
+from stage1_dvae import DVAEConfig, DVAEModel
 from stage1_dvae.train import Stage1Config
 from stage1_dvae.train import train as train_stage1
-from stage2_prior import PriorModel
+from stage2_prior import PriorConfig, PriorModel
 from stage2_prior.train import Stage2Config
 from stage2_prior.train import train as train_stage2
 
@@ -247,6 +248,38 @@ def fit_batches_to_data(configs: dict[str, Any], train_images: int, num_processe
         config.training.batch_size = fitted
 
 
+def start_from_pipeline(base: Path, stage1: Stage1Config, stage2: Stage2Config, scorer: ScorerTrainConfig,
+                        finetune_image_tokenizer: bool, lora_rank: int, lora_alpha: float) -> None:
+    """Point the three configs at a saved pipeline's components: their architectures, initial weights and
+    caption tokenizers (fine-tuning), and the prior's LoRA settings."""
+    if finetune_image_tokenizer:
+        stage1.model = DVAEConfig.from_pretrained(base / "vqvae")
+        stage1.training.init_from = str(base / "vqvae")
+    stage2.model = PriorConfig.from_pretrained(base / "prior")
+    stage2.training.init_from, stage2.tokenizer_path = str(base / "prior"), str(base / "tokenizer")
+    stage2.lora.rank, stage2.lora.alpha = lora_rank, lora_alpha
+    if (base / "scorer").is_dir():
+        scorer.model = ScorerConfig.from_pretrained(base / "scorer")
+        scorer.training.init_from = scorer.tokenizer_path = str(base / "scorer")
+
+
+def keep_image_tokenizer(base: Path, stage1: Stage1Config, accelerator: Accelerator) -> dict[str, Any]:
+    """Stage 1 of a fine-tuning run: the pipeline's image tokenizer, copied as the stage's export."""
+    output_dir = Path(stage1.training.output_dir)
+    metrics = {"kept_from": str(base)}
+    if accelerator.is_main_process:
+        shutil.rmtree(output_dir / "model", ignore_errors=True)
+        shutil.copytree(base / "vqvae", output_dir / "model")
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def adapter_name(data: str) -> str:
+    """The name a LoRA adapter trained on `data` gets in the pipeline: the dataset's or folder's name."""
+    return Path(data.rstrip("/")).name or "default"
+
+
 def check_one_precision(configs: dict[str, Any]) -> None:
     """Fail before training when the stages ask for different mixed precisions: the models of one
     process train under one accelerate process state, hence one precision."""
@@ -278,6 +311,10 @@ def train_pipeline(
     overwrite: bool = False,
     data_license: str | None = None,
     caption_column: str = "text",
+    init_from: str | None = None,
+    finetune_image_tokenizer: bool = False,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
     guidance_scales: tuple[float, ...] = (1.0, 3.0, 5.0),
     max_prompts: int | None = None,
     images_per_prompt: int = 8,
@@ -292,6 +329,12 @@ def train_pipeline(
     `data_overrides` (e.g. `["--data.caption_languages", "[en, es]"]`) apply to every stage,
     `stage_overrides` (`{"stage2": ["--training.max_steps", "500"]}`) to one.
 
+    `init_from` (a saved pipeline's directory or Hub id) fine-tunes that pipeline on `data` instead of training
+    from scratch: its image tokenizer is kept frozen (copied, so the codes stay compatible; trained on too with
+    `finetune_image_tokenizer`, and the prior's codes are then encoded anew), its caption tokenizers are kept,
+    the prior and the scorer continue from their weights (their architectures are the pipeline's), and with
+    `lora_rank` > 0 only LoRA adapters of the prior train, saved with the pipeline in `lora/`.
+
     Run again with the same `output_dir`, it resumes: finished stages are kept with their exports, the
     stage it was in continues from its last checkpoint. Another configuration in the same directory is
     refused, naming the difference, unless `overwrite` starts the run over.
@@ -305,6 +348,20 @@ def train_pipeline(
     if data not in BUILTIN_DATASETS:
         # before any config is read: a mistyped folder, or a malformed metadata file, is the likeliest mistake
         check_source_exists(data, text_column=caption_column)
+    base = None
+    if init_from is not None:
+        try:  # a complete pipeline, or one line saying why not
+            base = pipeline_directory(init_from)
+            base_size = TextToImagePipeline.from_pretrained(base).vqvae.config.image_size
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"--init-from {init_from}: cannot load a pipeline from it "
+                              f"({str(error).splitlines()[0]})") from error
+        if image_size not in (None, base_size):
+            raise ConfigError(f"--image-size {image_size}, but the pipeline at {init_from} draws {base_size}px images: "
+                              f"fine-tuning keeps its image tokenizer; pass --image-size {base_size} (or none)")
+        image_size = base_size
+    elif lora_rank:
+        raise ConfigError("--lora-rank adapts a trained pipeline: give it with --init-from DIR_OR_HUB_ID")
     if image_size is None and stage1_config is None:
         image_size = default_image_size(data)
     given = {name: path is not None for name, path in zip(STAGES, (stage1_config, stage2_config, scorer_config))}
@@ -326,6 +383,8 @@ def train_pipeline(
     scorer = load_config(ScorerTrainConfig, ["--config", str(scorer_config), *common,
                                               *stage_overrides.get("scorer", []),
                                               "--output_dir", str(output_dir / "scorer")])
+    if base is not None:
+        start_from_pipeline(base, stage1, stage2, scorer, finetune_image_tokenizer, lora_rank, lora_alpha)
     if scorer.training.seed == EVALUATION_SEED:
         raise ConfigError(
             f"the reranking scorer's training.seed is {EVALUATION_SEED}, the evaluation scorer's "
@@ -344,8 +403,12 @@ def train_pipeline(
     seconds: dict[str, float] = {}
     start = time.perf_counter()
 
-    _banner(1, f"training the image tokenizer on {data} at {image_size}px ({stage1_config.name})")
-    stage1_metrics = finished_metrics(stage1, "model") or train_stage1(resumable(stage1), accelerator)
+    if base is not None and not finetune_image_tokenizer:
+        _banner(1, f"keeping the image tokenizer of {init_from} (frozen: the codes stay compatible)")
+        stage1_metrics = finished_metrics(stage1, "model") or keep_image_tokenizer(base, stage1, accelerator)
+    else:
+        _banner(1, f"training the image tokenizer on {data} at {image_size}px ({stage1_config.name})")
+        stage1_metrics = finished_metrics(stage1, "model") or train_stage1(resumable(stage1), accelerator)
     seconds["stage1"] = time.perf_counter() - start
 
     _banner(2, f"training the prior on captions and image codes ({stage2_config.name})")
@@ -366,6 +429,8 @@ def train_pipeline(
         tokenizer=PreTrainedTokenizerFast.from_pretrained(output_dir / "stage2" / "tokenizer"),
         scorer=TextImageScorer.from_pretrained(output_dir / "scorer" / "scorer"),
     )
+    if lora_rank:  # the base prior, and the adapter trained on this data (saved with the pipeline, active)
+        pipe.load_lora_weights(output_dir / "stage2" / "lora", adapter_name=adapter_name(data))
     _banner(4, f"evaluating the tokenizer, and the samples at guidance {guidance_scales}")
     if data in LABELLED_DATASETS:
         stage1_metrics |= judge_reconstructions(pipe.vqvae, data)
@@ -394,8 +459,11 @@ def train_pipeline(
         "scorer_metrics": scorer_validation(scorer_metrics),
         **data_licence(stage1.data),
         **({"license": data_license} if data_license else {}),
+        **({"base_model": str(init_from)} if init_from else {}),
     }
     pipe.save_pretrained(output_dir / "pipeline")
+    if lora_rank:  # the adapter alone too, with its own card: what one shares to go with the base pipeline
+        pipe.save_lora_weights(output_dir / "lora", adapter_name(data), base_model=str(init_from))
     seconds["total"] = time.perf_counter() - start
     metrics = {"dataset": data, "image_size": image_size, "stage1": stage1_metrics, "stage2": stage2_metrics,
                "scorer": scorer_metrics, "evaluation": evaluation, "seconds": seconds}

@@ -1,11 +1,14 @@
 """The web page to try a text-to-image pipeline (Gradio): `dallekit serve`, and a Hub Space's `app.py`.
 
-`build_app(pipe)` lays out one page over a pipeline loaded once: a prompt with the model's own
-validation captions as examples, the sampling settings, a gallery of the results, and image
-completion from the first rows of an uploaded image. Requests wait in Gradio's queue and sample
-one at a time, each as one batched prior call; bad input is answered in the page. `load_app(model)`
-is what a Space runs: the page for a saved pipeline, or a page saying why it cannot be loaded
-(`pipelines.space.write_space` writes such a Space).
+`build_app(pipe)` lays out one page over a pipeline loaded once, in two tabs. "Generate": a prompt
+with the model's own validation captions as examples, a negative prompt, the sampling settings and
+a gallery of the results. "Edit": an uploaded image in Gradio's image editor, repainted where the
+brush paints over it (inpainting), or, with nothing painted, partly redrawn by a strength (a
+variation); an optional prompt and negative prompt steer it. Requests wait in Gradio's queue and
+sample one at a time, each as one batched prior call; bad input is answered in the page, and what
+the pipeline repairs (an image resized to the model's size, a prompt cut) is said in the notes under
+the gallery. `load_app(model)` is what a Space runs: the page for a saved pipeline, or a page saying
+why it cannot be loaded (`pipelines.space.write_space` writes such a Space).
 """
 
 from __future__ import annotations
@@ -16,18 +19,21 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import gradio as gr
+import numpy as np
 import torch
 from PIL import Image
 
 from dallekit.text_tokenizer import encode_captions
-from pipelines.text_to_image import TextToImagePipeline
+from pipelines.text_to_image import TextToImageOutput, TextToImagePipeline
 
 ComponentT = TypeVar("ComponentT", bound=gr.components.Component)
+Gallery = list[tuple[Image.Image, str]]
 TITLE = "dallekit: text to image"
 MAX_IMAGES = 16
 MAX_CANDIDATES = 64
 MAX_SEED = 2**32 - 1
 DISPLAY_SIZE = 256  # images are enlarged (nearest neighbour) to at least this many pixels in the gallery
+BRUSH_COLOUR = "rgb(204, 50, 50)"  # the mask's colour over the image; any painted pixel is repainted
 
 
 def _answered_in_page(component: ComponentT) -> ComponentT:
@@ -58,15 +64,79 @@ def _enlarge(image: Image.Image) -> Image.Image:
     return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
-def _prompt_cut_note(pipe: TextToImagePipeline, prompt: str) -> str | None:
-    """What `encode_captions` warns about a prompt longer than the model reads, or None."""
+def _prompt_cut_note(pipe: TextToImagePipeline, prompt: str, what: str = "prompt") -> str | None:
+    """What `encode_captions` warns about a prompt (`what`: which one) longer than the model reads, or None."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         encode_captions(pipe.tokenizer, [prompt], pipe.prior.config.text_len)
     messages = [str(warning.message) for warning in caught if issubclass(warning.category, UserWarning)]
     if not messages:
         return None
-    return f"The prompt is longer than this model reads, so its end was cut: {'; '.join(messages)}."
+    return f"The {what} is longer than this model reads, so its end was cut: {'; '.join(messages)}."
+
+
+def _typed(text: str | None) -> str | None:
+    """What was typed in a text field, stripped; None when nothing was."""
+    return (text or "").strip() or None
+
+
+def _seeded(pipe: TextToImagePipeline, seed: int | None) -> torch.Generator:
+    """A generator on the pipeline's device seeded with `seed`; an empty seed field is an error in the page."""
+    if seed is None:
+        raise gr.Error(f"The seed is empty: give a whole number from 0 to {MAX_SEED}.")
+    return torch.Generator(device=pipe.device).manual_seed(int(seed))
+
+
+def _draw(pipe: TextToImagePipeline, prompt: str | None, negative_prompt: str | None,
+          progress: gr.Progress, **settings: Any) -> tuple[TextToImageOutput, list[str]]:
+    """`pipe(prompt, ...)` and the notes on what it repaired: a prompt or negative prompt cut (`_prompt_cut_note`),
+    then the pipeline's other warnings (an image resized, ...). Its ValueError is a message in the page."""
+    cut = [_prompt_cut_note(pipe, text, what) for text, what in ((prompt, "prompt"),
+                                                                 (negative_prompt, "negative prompt")) if text]
+    notes = [note for note in cut if note]
+    progress(0, desc="sampling image codes")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            output = pipe(prompt, negative_prompt=negative_prompt, **settings)
+    except ValueError as error:  # the pipeline's own check of a value
+        raise gr.Error(str(error)) from error
+    for warning in caught:  # the cut prompts' warnings are in `notes` already
+        message = str(warning.message)
+        if issubclass(warning.category, UserWarning) and not any(message in note for note in notes):
+            notes.append(f"Note: {message}.")
+    return output, notes
+
+
+def _gallery(output: TextToImageOutput, prompt: str | None) -> Gallery:
+    """The images enlarged, each captioned with what tells it apart first (a caption is cut to its thumbnail's
+    width): its rank, its score when there is a scorer, then the prompt."""
+    scores = output.scores  # None without a scorer
+
+    def caption(index: int) -> str:
+        score = [f"score {float(scores[index]):.3f}"] if scores is not None else []
+        return " · ".join([f"#{index + 1}", *score, *([prompt] if prompt else [])])
+
+    return [(_enlarge(image), caption(index)) for index, image in enumerate(output.images)]
+
+
+def _summary(gallery: Gallery, start: float, seed: int, details: list[str], notes: list[str]) -> str:
+    """The notes under a gallery: how many images in how long, from which seed and how, then `notes`."""
+    summary = f"{len(gallery)} images in {time.perf_counter() - start:.1f} s ({', '.join([f'seed {seed}', *details])})."
+    return "\n\n".join([summary, *notes])
+
+
+def _painted_mask(layers: list[Image.Image]) -> Image.Image | None:
+    """The mask painted in the editor's layers: white where any layer has a pixel that is not wholly transparent
+    (alpha > 0), black elsewhere; None when nothing is painted."""
+    sizes = {layer.size for layer in layers}
+    if len(sizes) > 1:
+        raise gr.Error(f"The editor's layers are of different sizes ({', '.join(f'{w}x{h}' for w, h in sizes)}): "
+                       "paint every layer over the image itself.")
+    painted = [np.asarray(layer.convert("RGBA").getchannel("A")) > 0 for layer in layers]
+    if not any(layer.any() for layer in painted):
+        return None
+    return Image.fromarray(np.logical_or.reduce(painted).astype(np.uint8) * 255, mode="L")
 
 
 def _describe(pipe: TextToImagePipeline) -> str:
@@ -84,86 +154,149 @@ def _describe(pipe: TextToImagePipeline) -> str:
 def build_app(pipe: TextToImagePipeline, compile: bool | Literal["auto"] = "auto") -> gr.Blocks:
     """The page over `pipe`, queued (one request samples at a time); call `.launch()` to serve it.
 
-    A "candidates to rerank" control appears when the pipeline has a scorer (`pipe.scorer`), and is
-    passed to it as `num_candidates`. `compile` goes to the pipeline: `auto` compiles the prior's
-    sampling step for a size and setting once its requests have spent 10 s sampling, `True` at the
-    first request of each (which waits for it), `False` never.
+    Its endpoints are `/generate` and `/edit`. A "candidates to rerank" control appears in the
+    Generate tab when the pipeline has a scorer (`pipe.scorer`), and is passed to it as
+    `num_candidates`; the Edit tab always has one, since an inpainting's candidates are ranked by how
+    well they fit the rest of the image too. `compile` goes to the pipeline: `auto` compiles the
+    prior's sampling step for a size and setting once its requests have spent 10 s sampling, `True`
+    at the first request of each (which waits for it), `False` never.
     """
-    grid = pipe.prior.config.image_grid_size
     has_scorer = pipe.scorer is not None
+    size = pipe.vqvae.config.image_size
     info = pipe.training_info
     examples = info.get("example_prompts") or ([info["example_prompt"]] if info.get("example_prompt") else [])
 
     def generate(
-        prompt: str, num_images: int, guidance_scale: float, top_k: int, temperature: float, seed: int | None,
-        init_image: Image.Image | None, init_rows: int, num_candidates: int | None = None,
-        progress: gr.Progress = gr.Progress(track_tqdm=True),
-    ) -> tuple[list[tuple[Image.Image, str]], str]:
-        prompt = (prompt or "").strip()
-        if not prompt:
+        prompt: str, negative_prompt: str, num_images: int, guidance_scale: float, top_k: int, temperature: float,
+        seed: int | None, num_candidates: int | None = None, progress: gr.Progress = gr.Progress(track_tqdm=True),
+    ) -> tuple[Gallery, str]:
+        prompt = _typed(prompt)
+        if prompt is None:
             raise gr.Error("Type a prompt first, or pick one of the examples.")
-        if seed is None:
-            raise gr.Error(f"The seed is empty: give a whole number from 0 to {MAX_SEED}.")
-        cut = _prompt_cut_note(pipe, prompt)
-        completion = {"init_image": init_image, "init_rows": int(init_rows)} if init_image is not None else {}
+        generator = _seeded(pipe, seed)
         reranking = {"num_candidates": int(num_candidates)} if num_candidates is not None else {}
-        progress(0, desc="sampling image codes")
         start = time.perf_counter()
-        try:
-            output = pipe(
-                prompt, num_images_per_prompt=int(num_images), guidance_scale=float(guidance_scale),
-                temperature=float(temperature), top_k=int(top_k) or None,
-                generator=torch.Generator(device=pipe.device).manual_seed(int(seed)), **completion, **reranking,
-                compile=compile,
-            )
-        except ValueError as error:  # the pipeline's own check of a value
-            raise gr.Error(str(error)) from error
-        scores = output.scores  # None without a scorer
-        gallery = [  # what tells the images apart first: a caption is cut to the width of its thumbnail
-            (_enlarge(image), f"#{index + 1}" + (f" · score {float(scores[index]):.3f}" if scores is not None else "")
-             + f" · {prompt}")
-            for index, image in enumerate(output.images)
-        ]
-        completed = f", the first {int(init_rows)} of {grid} code rows kept from the upload" if completion else ""
-        reranked = f", the best of {int(num_candidates)} candidates by the scorer" if (
-            num_candidates is not None and num_candidates > num_images) else ""
-        summary = (f"{len(gallery)} images in {time.perf_counter() - start:.1f} s "
-                   f"(seed {int(seed)}{completed}{reranked}).")
-        return gallery, "\n\n".join([summary, *([cut] if cut else [])])
+        output, notes = _draw(
+            pipe, prompt, _typed(negative_prompt), progress, num_images_per_prompt=int(num_images),
+            guidance_scale=float(guidance_scale), temperature=float(temperature), top_k=int(top_k) or None,
+            generator=generator, compile=compile, **reranking,
+        )
+        gallery = _gallery(output, prompt)
+        reranked = [f"the best of {int(num_candidates)} candidates by the scorer"] if (
+            num_candidates is not None and num_candidates > num_images) else []
+        return gallery, _summary(gallery, start, int(seed), reranked, notes)
+
+    def edit(
+        image: dict | None, prompt: str, negative_prompt: str, strength: float, variation: str, paste_back: bool,
+        num_images: int, guidance_scale: float, seed: int | None, num_candidates: int,
+        progress: gr.Progress = gr.Progress(track_tqdm=True),
+    ) -> tuple[Gallery, str]:
+        if image is None or image["background"] is None:
+            raise gr.Error("Upload an image to edit first.")
+        mask = _painted_mask(image["layers"])
+        if mask is None and not strength:
+            raise gr.Error("Nothing to redraw: paint over the region to repaint with the brush, or raise the "
+                           "strength above 0 to redraw a share of the image.")
+        generator = _seeded(pipe, seed)
+        region = {"mask_image": mask} if mask is not None else {"strength": float(strength)}
+        fits = mask is not None or variation == "random"  # candidates ranked by how well they fit the kept codes
+        reranked = num_candidates > num_images and (fits or has_scorer)
+        prompt = _typed(prompt)
+        start = time.perf_counter()
+        output, notes = _draw(
+            pipe, prompt, _typed(negative_prompt), progress, image=image["background"],
+            variation=variation, paste_back=paste_back, num_images_per_prompt=int(num_images),
+            guidance_scale=float(guidance_scale), generator=generator, compile=compile,
+            num_candidates=int(num_candidates) if reranked else None, **region,
+        )
+        gallery = _gallery(output, prompt)
+        redrawn = "the painted region repainted" if mask is not None else (
+            f"{float(strength):.0%} of the code grid redrawn ({'its last rows' if variation == 'rows' else 'at random'})")
+        ranked_by = " and ".join([*(["their fit to the kept image"] if fits else []),
+                                  *(["the scorer"] if has_scorer else [])])
+        details = [redrawn, *([f"the best of {int(num_candidates)} candidates by {ranked_by}"] if reranked else []),
+                   *(["the original pasted back outside it"] if paste_back else [])]
+        return gallery, _summary(gallery, start, int(seed), details, notes)
+
+    def number_of_images() -> gr.Slider:
+        return gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images")
+
+    def guidance() -> gr.Slider:
+        return gr.Slider(0, 10, value=3, step=0.5, label="Guidance scale",
+                         info="1: no guidance; higher follows the prompt (and shuns the negative prompt) more closely")
+
+    def seed_field() -> gr.Number:
+        return gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED)
+
+    def negative_prompt_field(elem_id: str) -> gr.Textbox:
+        return gr.Textbox("", label="Negative prompt", placeholder="optional: what to steer away from", lines=1,
+                          max_lines=3, elem_id=elem_id)
+
+    def results(prefix: str) -> tuple[gr.Gallery, gr.Markdown]:
+        with gr.Column(scale=3):
+            return (gr.Gallery(label="Images", columns=4, object_fit="contain", format="png", elem_id=f"{prefix}gallery"),
+                    gr.Markdown(elem_id=f"{prefix}notes"))
 
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(_describe(pipe))
-        with gr.Row():
+        with gr.Tab("Generate", elem_id="generate-tab"), gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", placeholder=examples[0] if examples else "a caption", lines=1,
                                     max_lines=3, elem_id="prompt")
+                negative_prompt = negative_prompt_field("negative-prompt")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 if examples:
                     gr.Examples(examples, inputs=[prompt], label="Examples: the model's validation captions")
                 with gr.Accordion("Sampling", open=True):
-                    num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images")
-                    guidance = gr.Slider(0, 10, value=3, step=0.5, label="Guidance scale",
-                                         info="1: no guidance; higher follows the prompt more closely")
+                    num_images = number_of_images()
+                    guidance_scale = guidance()
                     top_k = gr.Slider(0, pipe.prior.config.image_vocab_size, value=0, step=1, label="Top-k",
                                       info="sample among the k likeliest codes; 0: all")
                     temperature = gr.Slider(0.1, 2, value=1, step=0.05, label="Temperature")
-                    seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED)
+                    seed = seed_field()
                     candidates = [gr.Slider(
                         1, MAX_CANDIDATES, value=16, step=1, label="Candidates to rerank",
                         info="images drawn per prompt; the scorer keeps the best",
                     )] if has_scorer else []
-                with gr.Accordion("Complete an image", open=False):
-                    init_image = gr.Image(type="pil", sources=["upload", "clipboard"], height=160,
-                                          label="Image to complete (optional)")
-                    init_rows = gr.Slider(1, grid - 1, value=grid // 2, step=1,
-                                          label=f"Code rows kept from it (of {grid})")
-            with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Images", columns=4, object_fit="contain", format="png",
-                                     elem_id="gallery")
-                notes = gr.Markdown(elem_id="notes")
-        inputs = [prompt, num_images, guidance, top_k, temperature, seed, init_image, init_rows, *candidates]
+            gallery, notes = results("")
+        inputs = [prompt, negative_prompt, num_images, guidance_scale, top_k, temperature, seed, *candidates]
         gr.on([run.click, prompt.submit], generate, inputs=[_answered_in_page(component) for component in inputs],
               outputs=[gallery, notes], api_name="generate")
+
+        with gr.Tab("Edit", elem_id="edit-tab"), gr.Row():
+            with gr.Column(scale=2):
+                gr.Markdown("Upload an image and paint over the region to repaint with the brush; with nothing "
+                            "painted, the strength below redraws a share of the image.")
+                editor = gr.ImageEditor(
+                    type="pil", image_mode="RGBA", sources=["upload", "clipboard"], transforms=(), layers=False,
+                    brush=gr.Brush(colors=[BRUSH_COLOUR], color_mode="fixed"), format="png", height=360,
+                    label="Image to edit", elem_id="editor",
+                )
+                edit_prompt = gr.Textbox("", label="Prompt (optional)", placeholder="what the repainted region shows",
+                                         lines=1, max_lines=3, elem_id="edit-prompt")
+                edit_negative_prompt = negative_prompt_field("edit-negative-prompt")
+                run_edit = gr.Button("Edit", variant="primary", elem_id="edit")
+                with gr.Accordion("Editing", open=True):
+                    strength = gr.Slider(0, 1, value=0.5, step=0.05, label="Strength",
+                                         info="used when no mask is painted: the share of the image's codes redrawn")
+                    variation = gr.Radio(["rows", "random"], value="rows", label="Strength redraws",
+                                         info="rows: the last codes, completing the image's top; random: any cells")
+                    paste_back = gr.Checkbox(label="Paste the original back outside the mask",
+                                             info=f"the image at {size}×{size}, across a soft edge")
+                    edit_num_images = number_of_images()
+                    edit_candidates = gr.Slider(
+                        1, MAX_CANDIDATES, value=16 if has_scorer else 8, step=1, label="Candidates to rank",
+                        info="images drawn; the best are kept, by how well they fit the kept image (a painted mask or "
+                             f"random cells){' and by the scorer' if has_scorer else ''}",
+                    )
+                    edit_guidance_scale = guidance()
+                    edit_seed = seed_field()
+            edit_gallery, edit_notes = results("edit-")
+        edit_inputs = [editor, edit_prompt, edit_negative_prompt, strength, variation, paste_back, edit_num_images,
+                       edit_guidance_scale, edit_seed, edit_candidates]
+        gr.on([run_edit.click, edit_prompt.submit], edit,
+              inputs=[_answered_in_page(component) for component in edit_inputs],
+              outputs=[edit_gallery, edit_notes], api_name="edit")
     return app.queue(default_concurrency_limit=1, max_size=64)
 
 

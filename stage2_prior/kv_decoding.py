@@ -5,6 +5,7 @@
   (four matmuls per layer instead of seven);
 - the RMSNorm weights folded into the projections that follow them, the attention scaling into the
   queries, and the final norm into the output head (`head`: the rows of the logits wanted);
+- LoRA adapters (peft) that are active and not merged added to the weights they adapt;
 - every weight cast once to the compute `dtype` (bf16 on CPUs with native bf16), with no autocast
   dispatch at each op;
 - the rotary cos/sin of every position and the causal mask.
@@ -27,12 +28,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import LlamaModel
 
 
 def _frozen(tensor: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=False)
+
+
+def effective_weight(linear: nn.Module) -> torch.Tensor:
+    """The weight a linear layer's forward applies: its own, plus the deltas of the LoRA adapters (peft) that are
+    active on it and not merged into it already."""
+    weight = linear.weight
+    if isinstance(linear, BaseTunerLayer) and not linear.disable_adapters:
+        for name in linear.active_adapters:
+            if name in linear.lora_A and name not in linear.merged_adapters:
+                weight = weight + linear.get_delta_weight(name)
+    return weight
 
 
 class FusedLayer(nn.Module):
@@ -71,11 +84,12 @@ class FusedDecoder(nn.Module):
             attention, mlp = layer.self_attn, layer.mlp
             if any(module.bias is not None for module in (attention.q_proj, attention.o_proj, mlp.gate_proj)):
                 raise NotImplementedError("fused decoding covers Llama layers without biases")
-            qkv = torch.cat([attention.q_proj.weight * attention.scaling, attention.k_proj.weight,
-                             attention.v_proj.weight]) * layer.input_layernorm.weight
-            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * layer.post_attention_layernorm.weight
-            layers.append(FusedLayer(qkv.to(dtype), attention.o_proj.weight.to(dtype), gate_up.to(dtype),
-                                     mlp.down_proj.weight.to(dtype)))
+            q, k, v, o, gate, up, down = (effective_weight(module) for module in (
+                attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj, mlp.up_proj,
+                mlp.down_proj))
+            qkv = torch.cat([q * attention.scaling, k, v]) * layer.input_layernorm.weight
+            gate_up = torch.cat([gate, up]) * layer.post_attention_layernorm.weight
+            layers.append(FusedLayer(qkv.to(dtype), o.to(dtype), gate_up.to(dtype), down.to(dtype)))
         self.layers = nn.ModuleList(layers)
         self.head = _frozen((head * decoder.norm.weight).to(dtype))  # [vocab, hidden]
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads

@@ -40,6 +40,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import LlamaModel
@@ -285,8 +286,12 @@ class PriorModel(PriorPreTrainedModel):
 
     def _fused(self, dtype: torch.dtype) -> FusedDecoder:
         """The fused cached decoder of the current weights in `dtype`, made again when a weight has changed (in
-        place, moved or replaced), since compiled steps freeze its weights into their graphs."""
+        place, moved or replaced) or the LoRA adapters in use have, since compiled steps freeze its weights into
+        their graphs."""
         weights = tuple((parameter.data_ptr(), parameter._version) for parameter in self.parameters())
+        weights += tuple((tuple(module.active_adapters), module.disable_adapters, tuple(module.merged_adapters),
+                          tuple(sorted(module.scaling.items())))  # which adapters apply, and how strongly
+                         for module in self.modules() if isinstance(module, BaseTunerLayer))
         if dtype not in self._fused_decoder or self._fused_decoder[dtype][0] != weights:
             # The image-code rows of lm_head; the last code is sampled, never fed: max_seq_len - 1 positions.
             head = self.lm_head.weight[self.config.text_vocab_size :]
@@ -337,6 +342,8 @@ class PriorModel(PriorPreTrainedModel):
         generator: torch.Generator | None = None,
         init_codes: torch.Tensor | None = None,
         init_rows: int = 0,
+        keep_mask: torch.Tensor | None = None,
+        negative_text_ids: torch.Tensor | None = None,
         use_cache: bool = True,
         do_sample: bool = True,
         progress: bool = False,
@@ -345,8 +352,13 @@ class PriorModel(PriorPreTrainedModel):
     ) -> torch.Tensor:
         """Sample image codes [B, h, w] for captions `text_ids` [B, text_len].
 
-        `guidance_scale` s mixes `uncond + s * (cond - uncond)` (1 disables guidance); with
-        `init_codes` [B, h, w] the first `init_rows` rows are kept and the rest completed.
+        `guidance_scale` s mixes `uncond + s * (cond - uncond)` (1 disables guidance); the unconditional
+        branch reads the empty caption, or `negative_text_ids` [B, text_len] (a negative prompt).
+        With `init_codes` [B, h, w], the codes where `keep_mask` [B, h, w] is True are kept (forced in
+        raster order: the codes after them see them) and the others sampled; `init_rows=k` keeps the
+        first k rows. Noise is drawn for every position up to the last sampled one, kept or not, so a
+        code's randomness does not depend on the mask, and a mask that keeps nothing draws the codes of
+        plain sampling with the same generator.
         `do_sample=False` picks the most likely code (greedy); `progress` shows a bar over the codes.
         `mixed_precision`: `auto` follows a caller's autocast, else samples in bf16 on CPUs with native
         bf16 (AVX-512 BF16, AMX), where it is faster, else in the weights' dtype; `no` forces the
@@ -359,16 +371,33 @@ class PriorModel(PriorPreTrainedModel):
         within a session under bf16).
         """
         grid, batch = self.config.image_grid_size, text_ids.shape[0]
-        prefix_codes = None
         if init_rows:
             if init_codes is None or init_codes.shape != (batch, grid, grid) or not 0 < init_rows <= grid:
                 raise ValueError(f"priming needs init_codes [{batch}, {grid}, {grid}] and 0 < init_rows <= {grid}")
-            prefix_codes = init_codes[:, :init_rows]
+            if keep_mask is not None:
+                raise ValueError("give init_rows or keep_mask, not both")
+            rows = torch.arange(grid, device=init_codes.device).view(1, grid, 1)
+            keep_mask = (rows < init_rows).expand_as(init_codes)
+        forced = keep = None
+        if keep_mask is not None:
+            if init_codes is None or init_codes.shape != (batch, grid, grid) or keep_mask.shape != (batch, grid, grid):
+                raise ValueError(f"keep_mask needs init_codes and keep_mask of shape [{batch}, {grid}, {grid}]")
+            keep, forced = keep_mask.flatten(1).to(self.device, torch.bool), init_codes.flatten(1).to(self.device)
+            if keep.all():
+                return init_codes.clone()
+        # Positions before the first code that any row samples are the prompt's; after the last, forced only.
+        sampled_anywhere = ~keep.all(dim=0) if keep is not None else None
+        num_prefix = int(sampled_anywhere.nonzero()[0]) if keep is not None else 0
+        num_sampled_span = int(sampled_anywhere.nonzero()[-1]) + 1 if keep is not None else self.config.image_seq_len
         guided = guidance_scale != 1.0
-        input_ids = self.build_input_ids(text_ids, prefix_codes)
+        if negative_text_ids is not None and negative_text_ids.shape != text_ids.shape:
+            raise ValueError(f"negative_text_ids must have the shape of text_ids {list(text_ids.shape)}, "
+                             f"got {list(negative_text_ids.shape)}")
+        prefix = forced[:, :num_prefix] + self.config.text_vocab_size if keep is not None else None
+        input_ids = self._prompt_ids(text_ids, prefix)
         if guided:
-            unconditional = self.build_input_ids(self.empty_text_ids(batch, text_ids.device), prefix_codes)
-            input_ids = torch.cat([input_ids, unconditional])
+            negative = negative_text_ids if negative_text_ids is not None else self.empty_text_ids(batch, self.device)
+            input_ids = torch.cat([input_ids, self._prompt_ids(negative.to(text_ids.device), prefix)])
         warpers = self._sampling_warpers(do_sample, temperature, top_k, top_p)
         if compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
@@ -395,9 +424,13 @@ class PriorModel(PriorPreTrainedModel):
             step_input, step = input_ids, self._sampling_step  # the prompt runs eagerly: its length varies
             # The bar is updated, never iterated: the loop must not depend on it (Gradio's progress tracking
             # replaces a tracked bar's iterator with its own, which follows the latest bar opened, e.g. inductor's).
-            bar = tqdm(total=length - prefix_length, desc="sampling image codes", unit="code", disable=not progress,
+            if do_sample:  # the draws of the kept prefix: a code's noise does not depend on what is kept
+                for _ in range(num_prefix):
+                    exponential_noise(noise_shape, generator, self.device)
+            end = self.image_start + num_sampled_span  # after it, only kept codes
+            bar = tqdm(total=end - prefix_length, desc="sampling image codes", unit="code", disable=not progress,
                        leave=False)
-            for position in range(prefix_length, length):
+            for position in range(prefix_length, end):
                 first = position - step_input.shape[1]
                 noise = exponential_noise(noise_shape, generator, self.device) if do_sample else None
                 try:
@@ -411,6 +444,9 @@ class PriorModel(PriorPreTrainedModel):
                     self.auto_compile.failed.add(setting)
                     one_token_step = step = self._sampling_step
                     codes = step(step_input, all_positions[first:position], decoding, noise, guidance_scale, warpers)
+                if keep is not None:  # a kept code is forced: the codes after it see the image's own
+                    index = position - self.image_start
+                    codes = torch.where(keep[:, index : index + 1], forced[:, index : index + 1], codes)
                 sequence[:, position : position + 1] = (codes + text_vocab).repeat(2 if guided else 1, 1)
                 if use_cache:
                     step_input, step = sequence[:, position : position + 1], one_token_step
@@ -425,7 +461,26 @@ class PriorModel(PriorPreTrainedModel):
                             "eagerly; its next call compiles the sampling step", len(input_ids),
                             self.auto_compile.eager_seconds[setting])
         image_ids = sequence[:batch, self.image_start :] - text_vocab
+        if keep is not None:  # the kept codes after the last sampled one
+            image_ids[:, num_sampled_span:] = forced[:, num_sampled_span:]
         return rearrange(image_ids, "b (h w) -> b h w", h=grid)
+
+    def _prompt_ids(self, text_ids: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+        """`[bos, text_ids, prefix]`: the caption and the kept codes (already offset into the joint vocabulary)
+        that come before the first sampled one."""
+        input_ids = self.build_input_ids(text_ids)
+        return input_ids if prefix is None else torch.cat([input_ids, prefix.to(input_ids.device)], dim=1)
+
+    @torch.no_grad()
+    def code_log_likelihoods(self, text_ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """log p(code | caption, the codes before it) [B, h, w] of `codes` [B, h, w] after `text_ids` [B, text_len],
+        in one forward pass: how well a causal prior thinks each code follows what precedes it (an inpainting's
+        kept codes after the region measure how well the region fits what lies below and right of it)."""
+        input_ids = self.build_input_ids(text_ids, codes)
+        logits = self(input_ids[:, :-1], compute_loss=False).logits[:, self.image_start - 1 :,
+                                                                    self.config.text_vocab_size :]
+        log_probs = logits.float().log_softmax(dim=-1).gather(-1, codes.flatten(1).unsqueeze(-1)).squeeze(-1)
+        return log_probs.view_as(codes)
 
 
 @functools.cache

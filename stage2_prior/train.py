@@ -13,25 +13,51 @@ and the exports `output_dir/prior` and `output_dir/tokenizer`. The loop writes c
 
 from __future__ import annotations
 
+import copy
+import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from huggingface_hub import HfApi
 from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerFast
 
 from dallekit.data import AugmentationConfig, DataConfig, load_text_image_dataset, training_captions
-from dallekit.text_tokenizer import encode_captions, train_text_tokenizer
+from dallekit.text_tokenizer import encode_captions, load_or_train_text_tokenizer
 from dallekit.training.config import ConfigError, TrainingConfig, run_from_command_line
 from dallekit.training.images import save_image_grid
 from dallekit.training.loop import StepOutput, TrainingTask
 from dallekit.training.loop import train as train_task
 from stage1_dvae import DVAEModel
 from stage2_prior.configuration_prior import PriorConfig
+from stage2_prior.lora import LORA_TARGET_MODULES, add_lora, delete_adapters, save_lora
 from stage2_prior.modeling_prior import PriorModel
 from stage2_prior.pretokenize import pretokenize
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters for the prior (peft): `rank` 0 trains every weight; above 0, only the adapters train (on the
+    prior that `training.init_from` names), and the run exports them in peft's format (`output_dir/lora`)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+
+    def __post_init__(self) -> None:
+        if self.rank < 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"lora needs rank >= 0, alpha > 0 and dropout in [0, 1), got rank {self.rank}, "
+                             f"alpha {self.alpha}, dropout {self.dropout}")
+        unknown = sorted(set(self.target_modules) - set(LORA_TARGET_MODULES))
+        if unknown or not self.target_modules:
+            raise ValueError(f"lora.target_modules must name some of {', '.join(LORA_TARGET_MODULES)}, got "
+                             f"{self.target_modules}")
 
 
 @dataclass
@@ -49,6 +75,7 @@ class Stage2Config:
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     model: PriorConfig = field(default_factory=PriorConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     p_uncond: float = 0.1
     sample_prompts: int = 4
     samples_per_prompt: int = 6
@@ -60,6 +87,12 @@ class Stage2Config:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
         if self.sample_prompts < 1 or self.samples_per_prompt < 1:
             raise ValueError("sample_prompts and samples_per_prompt must be >= 1")
+        if self.training.init_from and not self.tokenizer_path:
+            raise ValueError("training.init_from needs tokenizer_path: the caption tokenizer the prior there reads "
+                             "(a saved pipeline's tokenizer/)")
+        if self.lora.rank and not self.training.init_from:
+            raise ValueError("lora.rank > 0 adapts a trained prior: name it in training.init_from (a saved "
+                             "pipeline's prior/)")
 
 
 def load_stage1(config: Stage2Config) -> DVAEModel:
@@ -100,11 +133,8 @@ class Stage2Task(TrainingTask[Stage2Config]):
         config = self.config
         self.stage1 = load_stage1(config).to(accelerator.device)
         images = load_text_image_dataset(config.data)
-        if config.tokenizer_path:
-            self.tokenizer = PreTrainedTokenizerFast.from_pretrained(config.tokenizer_path)
-        else:
-            self.tokenizer = train_text_tokenizer(training_captions(images["train"]), config.model.text_vocab_size,
-                                                  config.model.text_len)
+        self.tokenizer = load_or_train_text_tokenizer(config.tokenizer_path, training_captions(images["train"]),
+                                                      config.model.text_vocab_size, config.model.text_len)
         config.model.text_vocab_size = len(self.tokenizer)
         config.model.image_vocab_size = self.stage1.config.codebook_size
         config.model.image_grid_size = self.stage1.config.latent_size
@@ -130,6 +160,18 @@ class Stage2Task(TrainingTask[Stage2Config]):
         model = PriorModel(self.config.model)
         if self.run.gradient_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def adapt(self, model: PriorModel) -> PriorModel:
+        """With `lora.rank`: the prior frozen, LoRA adapters added to its decoder (only they train)."""
+        settings = self.config.lora
+        if settings.rank:
+            model.requires_grad_(False)
+            add_lora(model, settings.rank, settings.alpha, settings.target_modules, settings.dropout)
+            trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+            total = sum(parameter.numel() for parameter in model.parameters())
+            logger.info("LoRA rank %d on %s: %s trainable parameters of %s (%.2f%%)", settings.rank,
+                        ", ".join(settings.target_modules), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
         return model
 
     def train_loader(self) -> DataLoader:
@@ -185,12 +227,26 @@ class Stage2Task(TrainingTask[Stage2Config]):
         model.train()
 
     def export(self, model: PriorModel, output_dir: Path) -> Path:
-        model.save_pretrained(output_dir / "prior")
+        """The prior and its tokenizer; with LoRA, the adapter alone in peft's format (`lora/`) beside the base
+        prior it adapts (`prior/`, as `training.init_from` gave it)."""
         self.tokenizer.save_pretrained(output_dir / "tokenizer")
-        return output_dir / "prior"
+        if not self.config.lora.rank:
+            model.save_pretrained(output_dir / "prior")
+            return output_dir / "prior"
+        save_lora(model, output_dir / "lora")
+        base = copy.deepcopy(model)
+        delete_adapters(base)
+        base.save_pretrained(output_dir / "prior")
+        return output_dir / "lora"
 
     def push_to_hub(self, model: PriorModel, repo_id: str, message: str) -> None:
-        """The prior and the caption tokenizer it reads, in one repository (both load with `from_pretrained`)."""
+        """The prior and the caption tokenizer it reads, in one repository (both load with `from_pretrained`);
+        with LoRA, the adapter alone (`TextToImagePipeline.load_lora_weights` reads it)."""
+        if self.config.lora.rank:
+            with tempfile.TemporaryDirectory(prefix="dallekit-lora-") as folder:
+                HfApi().create_repo(repo_id, exist_ok=True)
+                HfApi().upload_folder(repo_id=repo_id, folder_path=save_lora(model, folder), commit_message=message)
+            return
         model.push_to_hub(repo_id, commit_message=message)
         self.tokenizer.push_to_hub(repo_id, commit_message=message)
 

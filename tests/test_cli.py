@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from dallekit.data import DataConfig, load_text_image_dataset
 from dallekit.evaluation import EVALUATION_SEED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +102,84 @@ def test_generate_reranks_candidates_with_the_saved_scorer(demo_run: tuple[Path,
                for line in result.stdout.splitlines() if line.startswith("scores for")}
     assert list(printed) == prompts and all(len(s) == 2 and s[0] >= s[1] for s in printed.values())
     assert np.asarray(Image.open(tmp_path / "best.png")).shape[0] == 2 + 2 * (16 + 2)
+
+
+def test_edit_repaints_under_the_mask_and_keeps_the_rest(demo_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """`dallekit edit` on a real digit: a 32 px upload (the model draws 16 px) with a mask over its upper half; the
+    grid holds the image, then the edits, whose lower half (pasted back) is the image's own."""
+    output_dir, cache = demo_run
+    digit = load_text_image_dataset(DataConfig(source="digits", image_size=32))["validation"][0]["image"]
+    Image.open(io.BytesIO(digit["bytes"])).convert("RGB").save(tmp_path / "digit.png")
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[:16] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    result = dallekit("edit", "--model", str(output_dir / "pipeline"), "--image", str(tmp_path / "digit.png"),
+                      "--mask", str(tmp_path / "mask.png"), "--prompt", "the number 3", "--negative-prompt",
+                      "the number 8", "--num-images", "2", "--candidates", "4", "--paste-back", "--scale", "1",
+                      "--out", str(tmp_path / "edits.png"), cache=cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "note: image is 32x32 and the model draws 16x16: resized to 16x16" in result.stderr
+    assert f"2 edits of {tmp_path / 'digit.png'}, under {tmp_path / 'mask.png'}" in result.stdout
+    grid = np.asarray(Image.open(tmp_path / "edits.png")).astype(int)[:, -(3 * 18 + 2):]  # right of the label
+    image, *edits = [grid[2:18, 2 + 18 * column: 18 * (column + 1)] for column in range(3)]
+    for edit in edits:
+        assert np.abs(edit[11:] - image[11:]).max() <= 1  # below the soft edge: the upload's pixels
+    assert any(np.abs(edit[:8] - image[:8]).max() > 16 for edit in edits)  # above: drawn anew
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "give --mask MASK.png (white: the region to repaint) or --strength S"),
+        (["--strength", "1.5"], "strength must be in [0, 1]"),
+        (["--mask", "pyproject.toml"], "--mask pyproject.toml: not an image that can be read"),
+        (["--mask", "small.png"], "mask_image is 8x8 but the image is 16x16: give a mask of the image's size"),
+    ],
+    ids=["no mask or strength", "strength above 1", "mask not an image", "mask of another size"],
+)
+def test_edit_errors_are_one_line(extra: list[str], message: str, tmp_path: Path) -> None:
+    from tests.test_pipeline import tiny_pipeline
+
+    tiny_pipeline().save_pretrained(tmp_path / "pipeline")
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(tmp_path / "image.png")
+    Image.new("L", (8, 8), 255).save(tmp_path / "small.png")
+    extra = [str(tmp_path / arg) if arg == "small.png" else arg for arg in extra]
+    result = dallekit("edit", "--model", str(tmp_path / "pipeline"), "--image", str(tmp_path / "image.png"), *extra,
+                      "--out", str(tmp_path / "x.png"), cache=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "dallekit edit: error: " in line]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_train_init_from_fine_tunes_a_pipeline_with_lora(demo_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """`dallekit train --init-from PIPELINE --lora-rank 4`: the image tokenizer kept as it was, an adapter trained
+    and saved with the pipeline, the card naming the base model; `generate --lora` takes the adapter alone."""
+    output_dir, cache = demo_run
+    folder = captioned_folder(tmp_path / "my_shapes", num_images=48, broken=0, image_size=16)
+    tiny = ["--stage1-config", "configs/dvae/tiny.yaml", "--stage2-config", "configs/prior/tiny.yaml",
+            "--scorer-config", "configs/scorer/tiny.yaml", "--max-prompts", "2"]
+    result = dallekit("train", "--data", str(folder), "--init-from", str(output_dir / "pipeline"), "--lora-rank", "4",
+                      "--output-dir", str(tmp_path / "run"), "--stage2.training.max_steps", "6", *tiny, cache=cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "keeping the image tokenizer of" in result.stdout and "LoRA rank 4 on q_proj" in result.stderr
+    base_tokenizer = (output_dir / "pipeline" / "vqvae" / "model.safetensors").read_bytes()
+    assert (tmp_path / "run" / "pipeline" / "vqvae" / "model.safetensors").read_bytes() == base_tokenizer
+    assert (tmp_path / "run" / "pipeline" / "lora" / "my_shapes" / "adapter_model.safetensors").is_file()
+    card = (tmp_path / "run" / "pipeline" / "README.md").read_text()
+    assert "base_model: pipeline" in card and "Fine-tuned from `pipeline`, with the LoRA adapter(s) `my_shapes`" in card
+    adapter = tmp_path / "run" / "stage2" / "lora"
+    drawn = dallekit("generate", "--model", str(output_dir / "pipeline"), "--lora", str(adapter), "--prompt",
+                     "a red circle on the left", "--num-images", "2", "--out", str(tmp_path / "adapted.png"), cache=cache)
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    wrong = dallekit("train", "--data", str(folder), "--init-from", str(output_dir / "pipeline"), "--image-size", "32",
+                     "--output-dir", str(tmp_path / "other"), *tiny, cache=cache)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert ("--image-size 32, but the pipeline at" in wrong.stderr and "draws 16px images: fine-tuning keeps its image "
+            "tokenizer; pass --image-size 16 (or none)" in wrong.stderr)
+    bad = dallekit("generate", "--model", str(output_dir / "pipeline"), "--lora", str(tmp_path), "--prompt", "a seven",
+                   "--out", str(tmp_path / "x.png"), cache=cache)
+    assert bad.returncode == 2 and f"--lora {tmp_path}: {tmp_path} is not a LoRA adapter" in bad.stderr
 
 
 def test_generate_candidates_without_a_scorer_is_one_line(tmp_path: Path) -> None:

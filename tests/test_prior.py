@@ -40,12 +40,15 @@ def captions(batch: int) -> torch.Tensor:
 def reference_codes(
     prior: PriorModel, text: torch.Tensor, guidance_scale: float = 1.0, generator: torch.Generator | None = None,
     warpers: LogitsProcessorList | None = None, init_codes: torch.Tensor | None = None, init_rows: int = 0,
+    keep_mask: torch.Tensor | None = None, negative: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Codes [B, h, w] by the plainest computation: every step runs the whole sequence through `forward` (no
-    cache, full restricted vocabulary), the unconditional branch as a second forward; argmax without `generator`,
-    else the warped distribution sampled with `torch.multinomial`."""
+    cache, full restricted vocabulary), the unconditional branch (the empty caption, or `negative`) as a second
+    forward; argmax without `generator`, else the warped distribution sampled with `torch.multinomial`; a code
+    where `keep_mask` is True is replaced by `init_codes`' after it is drawn."""
     grid, text_vocab = prior.config.image_grid_size, prior.config.text_vocab_size
     codes = init_codes[:, :init_rows].flatten(1) if init_rows else text.new_zeros(len(text), 0)
+    unconditional_text = negative if negative is not None else prior.empty_text_ids(len(text), text.device)
 
     def next_logits(caption_ids: torch.Tensor) -> torch.Tensor:
         input_ids = torch.cat([prior.build_input_ids(caption_ids), codes + text_vocab], dim=1)
@@ -55,13 +58,16 @@ def reference_codes(
         while codes.shape[1] < grid * grid:
             logits = next_logits(text)
             if guidance_scale != 1.0:
-                logits = classifier_free_guidance(logits, next_logits(prior.empty_text_ids(len(text), text.device)),
-                                                  guidance_scale)
+                logits = classifier_free_guidance(logits, next_logits(unconditional_text), guidance_scale)
             if generator is None:
                 code = logits.argmax(-1, keepdim=True)
             else:
                 code = torch.multinomial((warpers or LogitsProcessorList())(None, logits).softmax(-1), 1,
                                          generator=generator)
+            if keep_mask is not None:
+                index = codes.shape[1]
+                kept = keep_mask.flatten(1)[:, index : index + 1]
+                code = torch.where(kept, init_codes.flatten(1)[:, index : index + 1], code)
             codes = torch.cat([codes, code], dim=1)
     return codes.view(-1, grid, grid)
 
@@ -174,6 +180,62 @@ def test_priming_keeps_the_given_rows(prior: PriorModel) -> None:
     assert torch.equal(greedy, reference_codes(prior, text, 2.0, init_codes=init, init_rows=1))
     with pytest.raises(ValueError, match="priming needs"):
         prior.generate(text, init_codes=init, init_rows=5)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_keep_mask_forces_its_codes_and_samples_the_others_as_the_reference(prior: PriorModel,
+                                                                                use_cache: bool) -> None:
+    """Kept codes anywhere in the grid (not only leading rows) are forced in raster order: the sampled ones equal
+    a plain loop's that forces them too, seeded and guided."""
+    text, init = captions(3), torch.randint(0, 16, (3, 4, 4))
+    keep = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(1)) < 0.5
+    keep[:, 0, 0] = True  # a shared kept prefix, and rows that differ after it
+    keep[:, 3, 3] = True  # a shared kept tail: never sampled
+    codes = prior.generate(text, init_codes=init, keep_mask=keep, guidance_scale=2.0, use_cache=use_cache,
+                           generator=torch.Generator().manual_seed(0), mixed_precision="no")
+    assert torch.equal(codes[keep], init[keep])
+    expected = reference_codes(prior, text, 2.0, generator=torch.Generator().manual_seed(0), init_codes=init,
+                               keep_mask=keep)
+    assert torch.equal(codes, expected)
+
+
+def test_an_all_sampled_mask_is_plain_sampling_and_an_all_kept_mask_the_image(prior: PriorModel) -> None:
+    text, init = captions(2), torch.randint(0, 16, (2, 4, 4))
+    plain = prior.generate(text, generator=torch.Generator().manual_seed(5), guidance_scale=3.0)
+    nothing_kept = prior.generate(text, init_codes=init, keep_mask=torch.zeros(2, 4, 4, dtype=torch.bool),
+                                  generator=torch.Generator().manual_seed(5), guidance_scale=3.0)
+    assert torch.equal(nothing_kept, plain)
+    everything_kept = prior.generate(text, init_codes=init, keep_mask=torch.ones(2, 4, 4, dtype=torch.bool))
+    assert torch.equal(everything_kept, init)
+    with pytest.raises(ValueError, match="keep_mask needs"):
+        prior.generate(text, init_codes=init, keep_mask=torch.ones(2, 3, 3, dtype=torch.bool))
+
+
+def test_a_negative_prompt_is_the_unconditional_branch_of_guidance(prior: PriorModel) -> None:
+    """The first guided code's logits computed by hand from two separate forwards (caption, negative caption)."""
+    text, negative = captions(2), captions(2)
+    with torch.no_grad():
+        conditional = prior(prior.build_input_ids(text), compute_loss=False).logits[:, -1, 40:]
+        unconditional = prior(prior.build_input_ids(negative), compute_loss=False).logits[:, -1, 40:]
+    expected_first = classifier_free_guidance(conditional, unconditional, 3.0).argmax(-1)
+    codes = prior.generate(text, negative_text_ids=negative, guidance_scale=3.0, do_sample=False,
+                           mixed_precision="no")
+    assert torch.equal(codes[:, 0, 0], expected_first)
+    assert torch.equal(codes, reference_codes(prior, text, 3.0, negative=negative))
+    sampled = prior.generate(text, negative_text_ids=negative, guidance_scale=3.0, mixed_precision="no",
+                             generator=torch.Generator().manual_seed(2))
+    assert torch.equal(sampled, reference_codes(prior, text, 3.0, torch.Generator().manual_seed(2), negative=negative))
+    assert not torch.equal(codes, prior.generate(text, guidance_scale=3.0, do_sample=False, mixed_precision="no"))
+
+
+def test_code_log_likelihoods_are_the_next_code_log_probabilities(prior: PriorModel) -> None:
+    text, codes = captions(2), torch.randint(0, 16, (2, 4, 4))
+    log_likelihoods = prior.code_log_likelihoods(text, codes)
+    with torch.no_grad():
+        prefix = torch.cat([prior.build_input_ids(text), codes.flatten(1)[:, :5] + 40], dim=1)
+        expected = prior(prefix, compute_loss=False).logits[:, -1, 40:].log_softmax(-1)
+    torch.testing.assert_close(log_likelihoods[:, 1, 1], expected.gather(1, codes[:, 1, 1:2]).squeeze(1))
+    assert log_likelihoods.shape == (2, 4, 4) and (log_likelihoods <= 0).all()
 
 
 def test_loss_weights_text_and_image_and_ignores_padding() -> None:

@@ -15,6 +15,7 @@ from PIL import Image
 from dallekit.data import DataConfig, load_text_image_dataset
 from dallekit.evaluation import ClassifierConfig, evaluate_pipeline, load_or_train_classifier
 from pipelines import TextToImageOutput, TextToImagePipeline
+from pipelines.editing import image_pixels
 from pipelines.text_to_image import PipelineLoadError
 from tests.test_pipeline import tiny_pipeline, tiny_scorer
 
@@ -81,8 +82,8 @@ def test_output_types_tuples_and_priming_work_with_reranking(pipe: TextToImagePi
     assert len(pil) == 1 and isinstance(pil[0], Image.Image)
 
     init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
-    primed = draw(pipe, num_images_per_prompt=2, num_candidates=5, batch_size=3, init_image=init, init_rows=3)
-    expected = pipe.vqvae.encode(pipe._init_pixels(init))[0, :3]
+    primed = draw(pipe, num_images_per_prompt=2, num_candidates=5, batch_size=3, image=init, strength=5 / 8)
+    expected = pipe.vqvae.encode(image_pixels(init, 16))[0, :3]
     assert all(torch.equal(codes[:3], expected) for codes in primed.codes)
 
 

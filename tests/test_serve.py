@@ -1,5 +1,6 @@
-"""The web page (`pipelines.web`, `dallekit serve`): Gradio's client against a running server, headless
-Chromium, the command line, and the app a Hub Space runs; all over a tiny real pipeline."""
+"""The web page (`pipelines.web`, `dallekit serve`): Gradio's client against a running server (the Generate
+and Edit tabs' endpoints), headless Chromium, the command line, and the app a Hub Space runs; all over a tiny
+real pipeline."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 from PIL import Image
 from selenium import webdriver
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -82,13 +84,24 @@ def client(url: str, tmp_path_factory: pytest.TempPathFactory) -> Client:
 
 def generate(client: Client, prompt: str = PROMPT, **settings) -> tuple[list[np.ndarray], list[str], str]:
     """The page's generate endpoint: the gallery's images and captions, and the notes under it."""
-    gallery, notes = client.predict(prompt=prompt, **({"init_image": None} | settings), api_name="/generate")
+    gallery, notes = client.predict(prompt=prompt, **settings, api_name="/generate")
     return [np.asarray(Image.open(item["image"])) for item in gallery], [item["caption"] for item in gallery], notes
 
 
-def drawn_by(pipe: TextToImagePipeline, num_images: int, seed: int, **kwargs) -> list[np.ndarray]:
-    """What the pipeline itself draws for PROMPT with the page's default settings, enlarged as the page shows it."""
-    images = pipe(PROMPT, num_images_per_prompt=num_images, generator=torch.Generator().manual_seed(seed),
+def edit(client: Client, image: Path | None, layers: tuple[Path, ...] = (),
+         **settings) -> tuple[list[np.ndarray], list[str], str]:
+    """The page's edit endpoint on `image` with the editor's `layers` (what the brush painted), as Gradio's client
+    sends an image editor's value: the gallery's images and captions, and the notes under it."""
+    value = {"background": handle_file(image) if image else None, "layers": [handle_file(layer) for layer in layers],
+             "composite": None}
+    gallery, notes = client.predict(image=value, **settings, api_name="/edit")
+    return [np.asarray(Image.open(item["image"])) for item in gallery], [item["caption"] for item in gallery], notes
+
+
+def drawn_by(pipe: TextToImagePipeline, num_images: int, seed: int, prompt: str | None = PROMPT,
+             **kwargs) -> list[np.ndarray]:
+    """What the pipeline itself draws for `prompt` with the page's default settings, enlarged as the page shows it."""
+    images = pipe(prompt, num_images_per_prompt=num_images, generator=torch.Generator().manual_seed(seed),
                   output_type="np", progress=False, **kwargs).images
     factor = DISPLAY_SIZE // images.shape[1]
     return list(images.repeat(factor, axis=1).repeat(factor, axis=2))
@@ -126,15 +139,97 @@ def test_a_compiled_page_draws_every_code_while_inductor_compiles(
     np.testing.assert_array_equal(np.stack(again), np.stack(expected))
 
 
-def test_completing_an_uploaded_image_keeps_its_first_rows(
+def test_a_negative_prompt_steers_the_images_as_the_pipeline_does(pipe: TextToImagePipeline, client: Client) -> None:
+    images, _, notes = generate(client, negative_prompt="  the number 3 ", num_images=2, seed=6)
+    assert notes.startswith("2 images in")
+    np.testing.assert_array_equal(np.stack(images), np.stack(drawn_by(pipe, 2, seed=6, negative_prompt="the number 3")))
+    assert not np.array_equal(np.stack(images), np.stack(drawn_by(pipe, 2, seed=6)))
+    assert "negative_prompt has no effect at guidance_scale 1.0" in generate(
+        client, negative_prompt="the number 3", guidance_scale=1, num_images=1)[2]
+
+
+def random_image(path: Path, size: int, mode: str = "RGB", seed: int = 0) -> Path:
+    """A noise image of `size` x `size` pixels in `mode`, saved as PNG at `path`."""
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, channels), dtype=np.uint8)
+    Image.fromarray(pixels.squeeze(-1) if mode == "L" else pixels, mode=mode).save(path)
+    return path
+
+
+def painted_layer(path: Path, size: int, rows: slice, columns: slice, alpha: int = 255) -> Path:
+    """An editor layer of `size` x `size`, transparent but for a red stroke over `rows` x `columns` of opacity
+    `alpha`; saved as PNG at `path`."""
+    layer = np.zeros((size, size, 4), dtype=np.uint8)
+    layer[rows, columns] = (204, 50, 50, alpha)
+    Image.fromarray(layer).save(path)
+    return path
+
+
+def test_with_nothing_painted_the_edit_tab_redraws_a_share_of_the_image_by_strength(
     pipe: TextToImagePipeline, client: Client, tmp_path: Path,
 ) -> None:
-    upload = tmp_path / "start.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(upload)
-    images, _, notes = generate(client, num_images=2, seed=3, init_image=handle_file(upload), init_rows=3)
-    assert "the first 3 of 8 code rows kept from the upload" in notes
-    expected = drawn_by(pipe, 2, seed=3, init_image=Image.open(upload), init_rows=3)
+    upload = random_image(tmp_path / "start.png", 16)
+    blank = painted_layer(tmp_path / "blank.png", 16, slice(0), slice(0))
+    images, captions, notes = edit(client, upload, (blank,), strength=0.25, num_images=2, seed=3)
+    assert captions == ["#1", "#2"] and notes.startswith("2 images in")
+    assert "seed 3, 25% of the code grid redrawn (its last rows)" in notes and "candidates" not in notes
+    expected = drawn_by(pipe, 2, seed=3, prompt=None, image=Image.open(upload), strength=0.25)
     np.testing.assert_array_equal(np.stack(images), np.stack(expected))
+    random_cells, _, notes = edit(client, upload, prompt=PROMPT, strength=0.25, variation="random", num_images=2,
+                                  num_candidates=2, seed=3)
+    assert "25% of the code grid redrawn (at random)" in notes
+    np.testing.assert_array_equal(np.stack(random_cells), np.stack(drawn_by(
+        pipe, 2, seed=3, image=Image.open(upload), strength=0.25, variation="random")))
+
+
+@pytest.mark.parametrize(("mode", "size"), [("L", 32), ("RGBA", 16)])
+def test_the_edit_tab_repaints_the_region_painted_over_the_image(
+    pipe: TextToImagePipeline, client: Client, tmp_path: Path, mode: str, size: int,
+) -> None:
+    """A grey image larger than the model draws (resized, and the notes say so) or an RGBA one; the brush's faint
+    edge counts: every pixel of a layer that is not wholly transparent is repainted. A painted mask leaves the
+    strength unused (0 is no error then)."""
+    upload = random_image(tmp_path / "start.png", size, mode)
+    rows, columns = slice(size // 4, size // 2), slice(size // 8, size - size // 8)
+    stroke = painted_layer(tmp_path / "stroke.png", size, rows, columns, alpha=100)
+    edge = painted_layer(tmp_path / "edge.png", size, slice(size // 2, size // 2 + 1), columns, alpha=1)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[rows.start:rows.stop + 1, columns] = 255
+    images, captions, notes = edit(client, upload, (stroke, edge), prompt=PROMPT, num_images=2, num_candidates=2,
+                                   seed=4, strength=0)
+    assert captions == [f"#1 · {PROMPT}", f"#2 · {PROMPT}"]
+    assert "seed 4, the painted region repainted)" in notes
+    assert ("Note: image is 32x32 and the model draws 16x16: resized to 16x16." in notes) == (size == 32)
+    expected = drawn_by(pipe, 2, seed=4, image=Image.open(upload), mask_image=Image.fromarray(mask))
+    np.testing.assert_array_equal(np.stack(images), np.stack(expected))
+    ranked, _, notes = edit(client, upload, (stroke, edge), prompt=PROMPT, num_images=2, num_candidates=6,
+                            paste_back=True, seed=4)
+    assert "the best of 6 candidates by their fit to the kept image, the original pasted back outside it" in notes
+    np.testing.assert_array_equal(np.stack(ranked), np.stack(drawn_by(
+        pipe, 2, seed=4, image=Image.open(upload), mask_image=Image.fromarray(mask), num_candidates=6,
+        paste_back=True)))
+
+
+@pytest.mark.parametrize(
+    ("layer_size", "settings", "message"),
+    [
+        (8, {}, "mask_image is 8x8 but the image is 16x16: give a mask of the image's size"),
+        (None, {"strength": 0}, "Nothing to redraw: paint over the region to repaint with the brush, or raise"),
+        (None, {"strength": 1.5}, "Strength: Value 1.5 is greater than maximum value 1"),
+        (None, {"variation": "columns"}, "Strength redraws: Value: 'columns'"),
+        (None, {"seed": None}, "The seed is empty"),
+        (None, {"image": None}, "Upload an image to edit first"),
+        (None, {"image": ROOT / "pyproject.toml"}, "Image to edit: the upload is not an image that can be read"),
+    ],
+)
+def test_bad_input_to_the_edit_tab_gets_a_message_and_the_server_carries_on(
+    client: Client, tmp_path: Path, layer_size: int | None, settings: dict, message: str,
+) -> None:
+    upload = random_image(tmp_path / "start.png", 16)
+    layers = (painted_layer(tmp_path / "stroke.png", layer_size, slice(2, 4), slice(2, 4)),) if layer_size else ()
+    with pytest.raises(AppError, match=re.escape(message)):
+        edit(client, **{"image": upload, "layers": layers} | settings)
+    assert len(edit(client, upload, num_images=1)[0]) == 1
 
 
 def test_a_prompt_longer_than_the_model_reads_is_cut_and_the_page_says_so(client: Client) -> None:
@@ -153,8 +248,6 @@ def test_a_prompt_longer_than_the_model_reads_is_cut_and_the_page_says_so(client
         ({"temperature": 0}, "Temperature: Value 0 is less than minimum value 0.1"),
         ({"seed": -1}, "Seed: Value -1 is less than minimum value 0"),
         ({"seed": None}, "The seed is empty"),
-        ({"init_image": handle_file(ROOT / "pyproject.toml")},
-         "Image to complete (optional): pyproject.toml is not an image that can be read"),
     ],
 )
 def test_bad_input_gets_a_message_and_the_server_carries_on(client: Client, settings: dict, message: str) -> None:
@@ -188,11 +281,11 @@ def test_a_slow_request_shows_progress_and_blocks_neither_the_page_nor_the_queue
     held = HeldPipeline(pipe)
     with serving(build_app(held)) as url:
         client = connect(url, tmp_path)
-        first = client.submit(prompt=PROMPT, num_images=1, init_image=None, api_name="/generate")
+        first = client.submit(prompt=PROMPT, num_images=1, api_name="/generate")
         try:
             wait_for(lambda: first.status().code == Status.PROGRESS, "the first request to show its progress")
             assert first.status().progress_data[0].desc == "sampling image codes"
-            second = client.submit(prompt=PROMPT, num_images=2, init_image=None, api_name="/generate")
+            second = client.submit(prompt=PROMPT, num_images=2, api_name="/generate")
             start = time.monotonic()
             with urllib.request.urlopen(url, timeout=10) as response:
                 assert response.status == 200 and "dallekit: text to image" in response.read().decode()
@@ -207,11 +300,11 @@ def test_a_slow_request_shows_progress_and_blocks_neither_the_page_nor_the_queue
 def test_with_a_scorer_the_page_reranks_candidates_and_shows_their_scores(
     pipe: TextToImagePipeline, tmp_path: Path,
 ) -> None:
-    def parameters(app: gr.Blocks) -> list[str]:
-        endpoint = app.get_api_info()["named_endpoints"]["/generate"]
-        return [parameter["parameter_name"] for parameter in endpoint["parameters"]]
+    def parameters(app: gr.Blocks, endpoint: str = "/generate") -> list[str]:
+        return [parameter["parameter_name"] for parameter in app.get_api_info()["named_endpoints"][endpoint]["parameters"]]
 
-    assert "num_candidates" not in parameters(build_app(pipe))
+    plain = build_app(pipe)
+    assert "num_candidates" not in parameters(plain) and parameters(plain, "/edit")[-1] == "num_candidates"
     scoring = TextToImagePipeline(pipe.vqvae, pipe.prior, pipe.tokenizer, pipe.training_info,
                                   scorer=tiny_scorer(pipe.tokenizer))
     app = build_app(scoring)
@@ -254,6 +347,12 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
     driver.quit()
 
 
+def shown_images(page: webdriver.Chrome, gallery: str) -> list:
+    """The images of the gallery `gallery` (its elem_id) loaded at the size the page shows them."""
+    images = page.find_elements(By.CSS_SELECTOR, f"#{gallery} img")
+    return [image for image in images if image.get_property("naturalWidth") == DISPLAY_SIZE]
+
+
 def test_in_a_browser_a_typed_prompt_fills_the_gallery(browser: webdriver.Chrome, url: str) -> None:
     browser.get(url)
     wait = WebDriverWait(browser, 30)
@@ -262,12 +361,31 @@ def test_in_a_browser_a_typed_prompt_fills_the_gallery(browser: webdriver.Chrome
     prompt.send_keys(PROMPT)
     browser.find_element(By.ID, "generate").click()
 
-    def shown_images(page: webdriver.Chrome) -> list:
-        images = page.find_elements(By.CSS_SELECTOR, "#gallery img")
-        return [image for image in images if image.get_property("naturalWidth") == DISPLAY_SIZE]
-
-    wait.until(lambda page: len(shown_images(page)) == 4)
+    wait.until(lambda page: len(shown_images(page, "gallery")) == 4)
     assert browser.find_element(By.ID, "notes").text.startswith("4 images in")
+
+
+def test_in_a_browser_a_region_painted_over_an_upload_is_repainted(
+    browser: webdriver.Chrome, url: str, tmp_path: Path,
+) -> None:
+    """The Edit tab: upload an image larger than the model draws, paint a stroke over it with the brush (a drag
+    over the editor's canvas), press Edit: the gallery shows the repainted images, the notes what was done."""
+    browser.get(url)
+    wait = WebDriverWait(browser, 30)
+    tab = wait.until(lambda page: next((button for button in page.find_elements(By.CSS_SELECTOR, "button[role=tab]")
+                                        if button.text == "Edit"), None))
+    tab.click()
+    editor = browser.find_element(By.ID, "editor")
+    editor.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(random_image(tmp_path / "start.png", 128)))
+    wait.until(lambda page: editor.find_elements(By.CSS_SELECTOR, "button[title=Color]"))  # the upload is shown,
+    canvas = editor.find_elements(By.CSS_SELECTOR, "canvas")[-1]  # the brush taken up; the image centred in it
+    ActionChains(browser).move_to_element_with_offset(canvas, -60, -40).click_and_hold().move_by_offset(120, 0) \
+        .release().perform()
+    browser.find_element(By.ID, "edit").click()
+    wait.until(lambda page: len(shown_images(page, "edit-gallery")) == 4)
+    notes = browser.find_element(By.ID, "edit-notes").text
+    assert notes.startswith("4 images in") and "the painted region repainted" in notes, notes
+    assert "image is 128x128 and the model draws 16x16: resized to 16x16" in notes
 
 
 # ---- the command line and the Space ---------------------------------------------------------------

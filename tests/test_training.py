@@ -397,3 +397,11 @@ def test_help_lists_every_key_with_its_default(capsys) -> None:
     assert "--training.learning_rate  (float, default 0.001)" in usage
     assert "--model.quantizer  (one of 'gumbel', 'vq', 'fsq', default 'gumbel')" in usage
     assert "return_dict" not in usage  # transformers' own config fields are not ours to set
+
+
+def test_a_time_budget_stops_training_and_exports(tmp_path: Path) -> None:
+    """`training.max_train_seconds`: the run stops at the first step past the budget, validated, checkpointed and
+    exported as at max_steps."""
+    metrics = train(tiny_config(tmp_path, "--max_steps", "1000", "--max_train_seconds", "1e-6"))
+    assert metrics["step"] == 1 and [entry["step"] for entry in metrics["history"]] == [1]
+    assert (tmp_path / "model" / "model.safetensors").is_file() and (tmp_path / "checkpoints" / "step_1").is_dir()

@@ -27,7 +27,7 @@ from dallekit.data.transforms import random_shift
 from dallekit.scorer.configuration_scorer import ScorerConfig
 from dallekit.scorer.modeling_scorer import ScorerModel
 from dallekit.scorer.scoring import TextImageScorer, retrieval_accuracy, unique_captions
-from dallekit.text_tokenizer import encode_captions, train_text_tokenizer
+from dallekit.text_tokenizer import encode_captions, load_or_train_text_tokenizer
 from dallekit.training.config import (
     PRIOR_ONLY_GRADIENT_CHECKPOINTING,
     ConfigError,
@@ -55,6 +55,7 @@ class ScorerTrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ScorerConfig = field(default_factory=ScorerConfig)
     training: TrainingConfig = field(default_factory=_default_training)
+    tokenizer_path: str | None = None  # a saved caption tokenizer (a saved scorer's directory); None: train one
     max_shift: int = 2  # augmentation: shift each training image by up to this many pixels each way; 0: off
 
     def __post_init__(self) -> None:
@@ -66,6 +67,9 @@ class ScorerTrainConfig:
             raise ValueError("data.streaming must be false: the scorer decodes every image of its splits once")
         if self.training.gradient_checkpointing:
             raise ValueError(PRIOR_ONLY_GRADIENT_CHECKPOINTING)
+        if self.training.init_from and not self.tokenizer_path:
+            raise ValueError("training.init_from needs tokenizer_path: the caption tokenizer the scorer there reads "
+                             "(its own directory, for a saved scorer)")
         self.model.image_size = self.data.image_size  # the model reads the images the data holds
         self.model.validate()
 
@@ -85,8 +89,8 @@ class ScorerTask(TrainingTask[ScorerTrainConfig]):
     def setup(self, accelerator: Accelerator) -> None:
         config = self.config
         splits = load_text_image_dataset(config.data)
-        self.tokenizer = train_text_tokenizer(training_captions(splits["train"]), config.model.text_vocab_size,
-                                              config.model.text_len)
+        self.tokenizer = load_or_train_text_tokenizer(config.tokenizer_path, training_captions(splits["train"]),
+                                                      config.model.text_vocab_size, config.model.text_len)
         config.model.text_vocab_size = len(self.tokenizer)
         config.model.pad_token_id = self.tokenizer.pad_token_id
         config.model.bos_token_id = self.tokenizer.bos_token_id

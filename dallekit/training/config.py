@@ -320,6 +320,7 @@ class TrainingConfig:
     output_dir: str = "outputs/run"
     seed: int = 0
     max_steps: int = 1000
+    max_train_seconds: float | None = None  # also stop once this much training time is spent (a budget); None: off
     batch_size: int = 64  # per process: the effective batch is this x processes x gradient_accumulation_steps
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-3
@@ -337,6 +338,7 @@ class TrainingConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None
+    init_from: str | None = None  # a saved model (directory or Hub id) to start from: fine-tuning; sizes must match
     overwrite: bool = False  # start over in an output_dir holding an earlier run's checkpoints (they are removed)
     log_every: int = 20
     eval_every: int = 250  # validate every N steps and at the last step

@@ -99,6 +99,11 @@ class TrainingTask(ABC, Generic[ConfigT]):
     def build_model(self) -> PreTrainedModel:
         """A freshly initialised model (the loop seeds the RNG first); also builds the full copies under FSDP."""
 
+    def adapt(self, model: PreTrainedModel) -> PreTrainedModel:
+        """The model as it trains, once its initial weights are in (`training.init_from`): e.g. with LoRA
+        adapters added and the rest frozen. By default, the model itself."""
+        return model
+
     @abstractmethod
     def train_loader(self) -> DataLoader:
         """The training batches, shuffled by a generator seeded with `training.seed`."""
@@ -206,6 +211,28 @@ class ModelSelection:
         }
 
 
+def load_initial_weights(model: PreTrainedModel, init_from: str) -> None:
+    """Start from the weights saved at `init_from` (a directory or Hub id of the same kind of model, as
+    `from_pretrained` reads it): fine-tuning. Sizes that differ (another vocabulary, grid or width) are a
+    ConfigError naming them, before any step."""
+    try:
+        pretrained = type(model).from_pretrained(init_from)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"training.init_from={init_from!r}: no {type(model).__name__} can be loaded from it "
+                          f"({' '.join(str(error).split())[:200]})") from error
+    theirs, ours = pretrained.config.to_diff_dict(), model.config.to_diff_dict()
+    differences = [f"{key} {theirs.get(key)} there, {ours.get(key)} here" for key in sorted(theirs.keys() | ours.keys())
+                   if key.endswith(("_size", "_len", "_layers", "_heads", "_levels", "_channels", "_factor", "_multipliers"))
+                   and theirs.get(key) != ours.get(key)]
+    try:
+        model.load_state_dict(pretrained.state_dict())
+    except RuntimeError as error:
+        detail = ", ".join(differences) or str(error).splitlines()[-1].strip()
+        raise ConfigError(f"training.init_from={init_from!r} holds a {type(model).__name__} of other sizes "
+                          f"({detail}): fine-tune it on data and settings of the same sizes") from error
+    logger.info("%s: starting from the weights of %s", type(model).__name__, init_from)
+
+
 def full_weights_model(accelerator: Accelerator, model: torch.nn.Module, task: TrainingTask) -> PreTrainedModel | None:
     """A model holding the full weights on the main process (None on the others); call on every process.
 
@@ -220,7 +247,7 @@ def full_weights_model(accelerator: Accelerator, model: torch.nn.Module, task: T
     if not accelerator.is_main_process:
         return None
     with torch.random.fork_rng(devices=[]):  # the copy's random initialisation is overwritten anyway
-        copy = task.build_model()
+        copy = task.adapt(task.build_model())
     copy.load_state_dict(state_dict)
     return copy.to(accelerator.device).eval()
 
@@ -285,6 +312,9 @@ def train(task: TrainingTask, accelerator: Accelerator | None = None) -> dict[st
     task.setup(accelerator)
     set_seed(run.seed)  # the model's initial weights: the same on every process, whatever the setup drew
     model = task.build_model()
+    if run.init_from is not None:
+        load_initial_weights(model, run.init_from)
+    model = task.adapt(model)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(task.config_dict(), sort_keys=False))
@@ -320,7 +350,8 @@ def train(task: TrainingTask, accelerator: Accelerator | None = None) -> dict[st
     pending_skipped = 0
     first_pass = batches_per_epoch(train_loader) or float("inf")  # micro-batches of the first pass over the data
     model.train()
-    while state.step < run.max_steps and not selection.should_stop:
+    out_of_time = False  # training.max_train_seconds spent (by this run and the ones it resumes)
+    while state.step < run.max_steps and not selection.should_stop and not out_of_time:
         batch = next(batches)
         micro_batch = state.micro_batches
         state.micro_batches += 1  # the data position: a resumed run continues after this batch, even a skipped one
@@ -347,7 +378,11 @@ def train(task: TrainingTask, accelerator: Accelerator | None = None) -> dict[st
         lr_scheduler.step()
         state.step += 1
         progress.update(1)
-        last = state.step == run.max_steps
+        out_of_time = run.max_train_seconds is not None and seconds_before + clock.seconds >= run.max_train_seconds
+        if out_of_time:
+            logger.info("%s: stopping at step %d: training.max_train_seconds (%g s) spent", task.name, state.step,
+                        run.max_train_seconds)
+        last = state.step == run.max_steps or out_of_time
         with clock.paused():
             if state.step % run.log_every == 0 or last:
                 seconds = clock.seconds - window["seconds"]
