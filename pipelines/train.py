@@ -35,6 +35,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import PartialState
+from accelerate.utils import get_int_from_env
 from transformers import PreTrainedTokenizerFast
 
 from dallekit.data import BUILTIN_DATASETS, DataConfig, DataError, load_text_image_dataset
@@ -203,6 +204,12 @@ def resumable(config: Any) -> Any:
         logger.info("resuming %s from its checkpoint %s", Path(config.training.output_dir).name, checkpoints[-1])
         config.training.resume_from_checkpoint = "latest"
     return config
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started, read from its environment as accelerate reads it, before any
+    accelerate state exists: the first one made fixes the process state for the whole run."""
+    return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
 
 
 def training_split_size(data: DataConfig) -> int | None:
@@ -396,7 +403,7 @@ def train_pipeline(
     if train_images is not None:  # a stream's length is unknown until it has been read
         chosen = {name for name in STAGES if given[name] or any(
             arg.split("=")[0] == "--training.batch_size" for arg in stage_overrides.get(name, []))}
-        fit_batches_to_data(configs, train_images, PartialState().num_processes, chosen)
+        fit_batches_to_data(configs, train_images, launched_processes(), chosen)
     accelerator = create_accelerator(stage1.training)  # the first training's; the others share its process state
     record = {"data": data, "image_size": image_size} | {name: to_dict(config) for name, config in configs.items()}
     start_or_resume_run(output_dir, record, overwrite, accelerator)
