@@ -64,6 +64,12 @@ def jsonl(folder: Path, rows: list[dict]) -> None:
     (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
+def captioned_pictures(folder: Path, count: int) -> Path:
+    """A valid folder of `count` pictures, each captioned with its file name."""
+    jsonl(folder, [{"file_name": name, "text": f"picture {name}"} for name in images(folder, count)])
+    return folder
+
+
 def no_metadata(folder: Path) -> list[str]:
     images(folder)
     return ["no metadata file found in", str(folder), 'add metadata.jsonl with one {"file_name": "0.png", "text"']
@@ -152,9 +158,7 @@ def test_a_source_that_is_not_there_is_one_line(data: str, env: dict[str, str], 
 @needs_entry_point
 def test_a_batch_chosen_too_large_for_the_folder_is_one_line(tmp_path: Path) -> None:
     """The tiny configs' batch of 16 on 12 images (10 to train on): refused before stage 1, naming a batch that fits."""
-    folder = tmp_path / "pictures"
-    jsonl(folder, [{"file_name": name, "text": f"picture {name}"} for name in images(folder, 12)])
-    output_dir = tmp_path / "run"
+    folder, output_dir = captioned_pictures(tmp_path / "pictures", 12), tmp_path / "run"
     result = dallekit("train", "--data", str(folder), "--output-dir", str(output_dir), *TINY, cache=tmp_path / "cache")
     line = one_line_error(result, "train")
     assert ("stage1: training.batch_size 16 x 1 process(es) needs 16 training images, and the training split has 10: "
@@ -165,9 +169,7 @@ def test_a_batch_chosen_too_large_for_the_folder_is_one_line(tmp_path: Path) -> 
 @needs_entry_point
 def test_a_folder_smaller_than_the_recipes_batch_trains_with_a_fitted_one(tmp_path: Path) -> None:
     """The shipped 32px recipe (batches 64, 64, 128) on 24 images: every stage trains with batch 8, and says so."""
-    folder = tmp_path / "pictures"
-    jsonl(folder, [{"file_name": name, "text": f"picture {name}"} for name in images(folder, 24)])
-    output_dir = tmp_path / "run"
+    folder, output_dir = captioned_pictures(tmp_path / "pictures", 24), tmp_path / "run"
     few_steps = [f"--{stage}.training.max_steps=2" for stage in ("stage1", "stage2", "scorer")]
     result = dallekit("train", "--data", str(folder), "--image-size", "32", "--output-dir", str(output_dir),
                       "--max-prompts", "2", *few_steps, cache=tmp_path / "cache")
