@@ -180,6 +180,13 @@ def test_train_init_from_fine_tunes_a_pipeline_with_lora(demo_run: tuple[Path, P
     bad = dallekit("generate", "--model", str(output_dir / "pipeline"), "--lora", str(tmp_path), "--prompt", "a seven",
                    "--out", str(tmp_path / "x.png"), cache=cache)
     assert bad.returncode == 2 and f"--lora {tmp_path}: {tmp_path} is not a LoRA adapter" in bad.stderr
+    retrained = dallekit("train", "--data", str(folder), "--init-from", str(output_dir / "pipeline"),
+                         "--finetune-image-tokenizer", "--output-dir", str(tmp_path / "both"),
+                         "--stage1.training.max_steps", "2", "--stage2.training.max_steps", "2", *tiny, cache=cache)
+    assert retrained.returncode == 0, retrained.stderr[-3000:]
+    assert f"DVAEModel: starting from the weights of {output_dir / 'pipeline' / 'vqvae'}" in retrained.stderr
+    assert "image code sequences encoded by 1 process(es)" in retrained.stderr  # the codes, encoded anew
+    assert (tmp_path / "both" / "pipeline" / "vqvae" / "model.safetensors").read_bytes() != base_tokenizer
 
 
 def test_generate_candidates_without_a_scorer_is_one_line(tmp_path: Path) -> None:
