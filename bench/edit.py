@@ -36,14 +36,10 @@ from dallekit.evaluation.classifier import classify, load_or_train_classifier  #
 from dallekit.text_tokenizer import encode_captions  # noqa: E402
 from dallekit.training.images import save_image_grid  # noqa: E402
 from pipelines import TextToImagePipeline  # noqa: E402
-from pipelines.editing import cells_touched  # noqa: E402
+from pipelines.editing import cells_touched, kept_after_region, region_fit, standardised  # noqa: E402
 
 TARGETS = {"upper half": 0.90, "lower half": 0.95}
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
-
-def standardised(values: torch.Tensor) -> torch.Tensor:
-    return (values - values.mean(dim=1, keepdim=True)) / (values.std(dim=1, keepdim=True) + 1e-6)
 
 
 def write_grids(pipe: TextToImagePipeline, pixels: torch.Tensor, labels: torch.Tensor, directory: Path,
@@ -119,8 +115,7 @@ def main() -> None:
         targets = labels if prompting == "own caption" else other
         mask_image = mask.float()
         kept_cells = ~cells_touched(mask_image, grid)
-        first_resampled = int((~kept_cells).flatten().nonzero()[0])
-        kept_after = kept_cells & (torch.arange(grid * grid).view(grid, grid) > first_resampled)
+        kept_after = kept_after_region(~kept_cells)
         judged = {ranking: [] for ranking in ("first", "scorer", "likelihood", "both")}
         kept_unchanged, seconds = True, 0.0
         for index in range(len(captions)):
@@ -135,8 +130,8 @@ def main() -> None:
             predicted = classify(classifier, output.images)[1]["label"]
             scores = output.scores.view(1, -1) if output.scores is not None else torch.zeros(1, args.candidates)
             text_ids = encode_captions(pipe.tokenizer, [prompts[index]], pipe.prior.config.text_len).to(device)
-            likelihood = pipe.prior.code_log_likelihoods(text_ids.expand(args.candidates, -1), output.codes).cpu()
-            fit = ((likelihood * kept_after).sum(dim=(1, 2)) / kept_after.sum().clamp(min=1)).view(1, -1)
+            fit = region_fit(pipe.prior, text_ids.expand(args.candidates, -1), output.codes, kept_after)
+            fit = fit.cpu().view(1, -1)
             choice = {"first": 0, "scorer": int(scores.argmax()), "likelihood": int(fit.argmax()),
                       "both": int((standardised(fit) + standardised(scores)).argmax())}
             for ranking, chosen in choice.items():

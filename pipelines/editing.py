@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dallekit.data import ImageTransform
+from stage2_prior import PriorModel
 
 ImageInput = PIL.Image.Image | torch.Tensor
 Variation = Literal["rows", "random"]
@@ -100,12 +101,39 @@ def cells_to_pixels(cells: torch.Tensor, image_size: int) -> torch.Tensor:
         image_size, image_size)
 
 
-def paste_back(generated: torch.Tensor, original: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`generated` [B, 3, S, S] inside `mask` [S, S] and `original` [1, 3, S, S] outside it, across a soft edge
-    (the mask blurred over about a sixteenth of the image's side)."""
+def soft_edge(mask: torch.Tensor) -> torch.Tensor:
+    """[1, 1, S, S] weights of the generated pixels for `paste_back`: 1 on the repainted `mask` [S, S], falling to 0
+    outside it across a soft edge (the mask blurred over about a sixteenth of the image's side)."""
     size = mask.shape[-1]
-    image = PIL.Image.fromarray((mask.numpy() * 255).astype(np.uint8))
+    image = PIL.Image.fromarray((mask.cpu().numpy() * 255).astype(np.uint8))
     soft = image.filter(PIL.ImageFilter.GaussianBlur(radius=max(size / 32, 0.5)))
     weight = torch.from_numpy(np.asarray(soft, dtype=np.float32) / 255).view(1, 1, size, size)
-    weight = torch.maximum(weight, mask.view(1, 1, size, size))  # the masked pixels stay wholly generated
+    return torch.maximum(weight, mask.cpu().view(1, 1, size, size))  # the masked pixels stay wholly generated
+
+
+def paste_back(generated: torch.Tensor, original: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`generated` [B, 3, S, S] where `weight` (`soft_edge`) is 1, `original` [1, 3, S, S] where it is 0."""
     return weight * generated + (1 - weight) * original.to(generated.dtype)
+
+
+def kept_after_region(resampled: torch.Tensor) -> torch.Tensor:
+    """[g, g] bool: the kept cells that come after the first resampled one in raster order (what a causal prior
+    drew the region without seeing), for `region_fit`."""
+    flat = resampled.flatten()
+    first = int(flat.nonzero()[0]) if flat.any() else flat.numel()
+    return ~resampled & (torch.arange(flat.numel(), device=resampled.device).view_as(resampled) > first)
+
+
+def region_fit(prior: PriorModel, text_ids: torch.Tensor, codes: torch.Tensor,
+               kept_after: torch.Tensor) -> torch.Tensor:
+    """[B] the mean log-likelihood the prior gives the kept codes after the region (`kept_after` [g, g]), given the
+    caption and every code before them: how well each candidate region agrees with what follows it."""
+    log_likelihoods = prior.code_log_likelihoods(text_ids, codes)
+    kept_after = kept_after.to(log_likelihoods.device)
+    return (log_likelihoods * kept_after).sum(dim=(1, 2)) / kept_after.sum().clamp(min=1)
+
+
+def standardised(values: torch.Tensor) -> torch.Tensor:
+    """`values` [P, N] standardised over each row (a prompt's candidates), so that rankings of other units add."""
+    values = values.float()
+    return (values - values.mean(dim=1, keepdim=True)) / (values.std(dim=1, keepdim=True) + 1e-6)

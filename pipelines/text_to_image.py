@@ -40,7 +40,11 @@ from pipelines.editing import (
     cells_to_pixels,
     cells_touched,
     image_pixels,
+    kept_after_region,
     mask_pixels,
+    region_fit,
+    soft_edge,
+    standardised,
     strength_cells,
 )
 from pipelines.editing import paste_back as paste_back_pixels
@@ -488,6 +492,7 @@ class TextToImagePipeline:
             negative_ids = negative_ids.repeat_interleave(num_candidates, dim=0)
         captions = [caption for caption in prompts for _ in range(num_candidates)]
         codes, pixels, scores, fits = [], [], [], []
+        pasted_weight = soft_edge(edit.repaint) if edit is not None and paste_back else None  # once per call
         starts = range(0, len(text_ids), batch_size)
         bar = tqdm(total=len(starts), desc="candidate batches", unit="batch", disable=not progress or len(starts) == 1)
         for start in starts:  # the bar is updated, not iterated (see `PriorModel.generate`)
@@ -503,12 +508,12 @@ class TextToImagePipeline:
             codes.append(batch_codes)
             batch_pixels = self._decode(batch_codes)
             if edit is not None and paste_back:
-                batch_pixels = paste_back_pixels(batch_pixels, edit.pixels.cpu(), edit.repaint.cpu())
+                batch_pixels = paste_back_pixels(batch_pixels, edit.pixels.cpu(), pasted_weight)
             pixels.append(batch_pixels)
             if scorer is not None:
                 scores.append(scorer.score(pixels[-1], captions[batch]))
             if ranks_by_fit and num_candidates > num_images_per_prompt:
-                fits.append(self._fit(text_ids[batch], batch_codes, edit.kept_after))
+                fits.append(region_fit(self.prior, text_ids[batch], batch_codes, edit.kept_after))
             bar.update()
         bar.close()
         codes, pixels = torch.cat(codes), torch.cat(pixels)
@@ -517,7 +522,7 @@ class TextToImagePipeline:
             ranking = scores.view(len(prompts), num_candidates) if scores is not None else None
             if fits:
                 fit = torch.cat(fits).cpu().view(len(prompts), num_candidates)
-                ranking = _standardised(fit) + (_standardised(ranking) if ranking is not None else 0)
+                ranking = standardised(fit) + (standardised(ranking) if ranking is not None else 0)
             ranked = ranking.sort(dim=1, descending=True, stable=True).indices
             first = num_candidates * torch.arange(len(prompts)).unsqueeze(1)  # each prompt's first candidate
             keep = (first + ranked[:, :num_images_per_prompt]).flatten()
@@ -573,32 +578,17 @@ class TextToImagePipeline:
             repaint = cells_to_pixels(resampled, size)
         vqvae_device = next(self.vqvae.parameters()).device
         codes = self.vqvae.encode(pixels.to(vqvae_device)).to(self.device)
-        kept = ~resampled.view(1, grid, grid).to(self.device)
-        flat = resampled.flatten()
-        first_resampled = int(flat.nonzero()[0]) if flat.any() else flat.numel()
-        after = torch.arange(flat.numel(), device=self.device).view(1, grid, grid) > first_resampled
-        return Edit(pixels=pixels, codes=codes, kept=kept, repaint=repaint, kept_after=kept & after)
-
-    def _fit(self, text_ids: torch.Tensor, codes: torch.Tensor, kept_after: torch.Tensor) -> torch.Tensor:
-        """[B] mean log-likelihood of the kept codes after the repainted region, given the caption and the codes
-        before them: how well a candidate region agrees with what follows it."""
-        log_likelihoods = self.prior.code_log_likelihoods(text_ids, codes)
-        return (log_likelihoods * kept_after).sum(dim=(1, 2)) / kept_after.sum()
+        return Edit(pixels=pixels, codes=codes, kept=~resampled.view(1, grid, grid).to(self.device), repaint=repaint,
+                    kept_after=kept_after_region(resampled).to(self.device))
 
 
 @dataclass
 class Edit:
     """An image to edit: its pixels [1, 3, S, S] and codes [1, g, g], the cells kept [1, g, g], the repainted
-    pixels [S, S], and the kept cells after the first resampled one [1, g, g] (what inpainting ranks by)."""
+    pixels [S, S], and the kept cells after the first resampled one [g, g] (what inpainting ranks by)."""
 
     pixels: torch.Tensor
     codes: torch.Tensor
     kept: torch.Tensor
     repaint: torch.Tensor
-    kept_after: torch.Tensor
-
-
-def _standardised(values: torch.Tensor) -> torch.Tensor:
-    """`values` [P, N] standardised over each row (a prompt's candidates)."""
-    values = values.float()
-    return (values - values.mean(dim=1, keepdim=True)) / (values.std(dim=1, keepdim=True) + 1e-6)
+    kept_after: torch.Tensor  # [g, g]

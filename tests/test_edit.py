@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from dallekit.text_tokenizer import encode_captions
-from pipelines.editing import cells_touched, image_pixels, mask_pixels
+from pipelines.editing import cells_touched, image_pixels, kept_after_region, mask_pixels, region_fit
 from pipelines.text_to_image import TextToImagePipeline
 from tests.test_pipeline import tiny_pipeline
 
@@ -94,9 +94,11 @@ def test_inpainting_candidates_are_ranked_by_how_the_kept_codes_follow(pipe: Tex
     everyone = draw(pipe, image=picture, mask_image=mask, num_images_per_prompt=6).codes
     best = draw(pipe, image=picture, mask_image=mask, num_images_per_prompt=1, num_candidates=6).codes
     text_ids = encode_captions(pipe.tokenizer, [PROMPT], 8).expand(6, -1)
-    kept_after = torch.zeros(1, 8, 8, dtype=torch.bool)
-    kept_after[:, 3:] = True
-    fits = pipe._fit(text_ids, everyone, kept_after)
+    kept_after = torch.zeros(8, 8, dtype=torch.bool)
+    kept_after[3:] = True
+    resampled = ~kept_after  # the mask touches code rows 0..2: every kept cell comes after the region
+    assert torch.equal(kept_after_region(resampled), kept_after)
+    fits = region_fit(pipe.prior, text_ids, everyone, kept_after)
     assert torch.equal(best[0], everyone[int(fits.argmax())])
     with pytest.raises(ValueError, match="needs a scorer"):  # a variation of the last rows: nothing after to rank by
         draw(pipe, image=picture, strength=0.5, num_candidates=4)
