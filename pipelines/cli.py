@@ -11,7 +11,8 @@
                   --out edits.png
     dallekit evaluate --model DIR_OR_HUB_ID [--dataset digits] [--guidance-scales 1 3 5] [--max-prompts N]
     dallekit evaluate-tokenizer --model DIR_OR_HUB_ID [--dataset digits] [--subfolder vqvae]
-    dallekit serve --model DIR_OR_HUB_ID [--host 127.0.0.1] [--port 7860] [--[no-]compile]   (needs the `web` extra)
+    dallekit serve --model DIR_OR_HUB_ID [--host 127.0.0.1] [--port 7860] [--[no-]compile] [--max-batch-images 64]
+                   [--max-queue 64] [--threads N]   (needs the `web` extra; the page, /v1/images/generations, /health)
     (generate, edit and serve take --lora DIR_OR_HUB_ID, repeated for several adapters)
 
 User errors (a missing model, an unknown dataset, a bad number) print one line and exit with 2.
@@ -278,22 +279,30 @@ def _evaluate_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    """Serve the web page of a saved pipeline until interrupted (Ctrl-C)."""
+    """Serve the web page and the OpenAI-compatible endpoint of a saved pipeline until interrupted (Ctrl-C)."""
     try:
-        from pipelines.web import build_app
+        from pipelines.server import build_server, check_port_free, serve
     except ModuleNotFoundError as error:
         if error.name != "gradio":
             raise
         raise UserError('the web page needs Gradio, which is not installed: pip install -e ".[web]" '
                         "(from the dallekit checkout)") from None
-    app = build_app(_load_pipeline(args.model, args.lora), compile=_compile_mode(args))
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request the page makes
+    import torch
+
     try:
-        app.launch(server_name=args.host, server_port=args.port)
+        check_port_free(args.host, args.port)
     except OSError as error:
-        reason = str(error).split(". ")[0]  # Gradio goes on about its environment variables
-        raise UserError(
-            f"cannot serve on {args.host}:{args.port} ({reason}): choose another --port or --host") from None
+        raise UserError(f"cannot serve on {args.host}:{args.port} ({error.strerror or error}): choose another "
+                        "--port or --host") from None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    app = build_server(_load_pipeline(args.model, args.lora), model_name=args.model_name or args.model,
+                       compile=_compile_mode(args), max_batch_images=args.max_batch_images,
+                       max_wait_seconds=args.max_wait_ms / 1000, max_queue=args.max_queue)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request the page makes
+    print(f"dallekit serve: the page at http://{args.host}:{args.port}/, OpenAI's images API at "
+          f"http://{args.host}:{args.port}/v1 (model {args.model_name or args.model!r}), health at /health", flush=True)
+    serve(app, args.host, args.port)
 
 
 def split_stage_overrides(args: list[str]) -> dict[str, list[str]]:
@@ -420,6 +429,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compile the prior's sampling step at the first request of each size and setting "
                             "(which waits for it), or never (--no-compile); default: once a size and setting "
                             "has spent 10 s sampling")
+    serve.add_argument("--max-batch-images", type=_positive_int, default=64,
+                       help="concurrent requests are drawn together, up to this many sampled images (candidates "
+                            "included) per batch (default: 64)")
+    serve.add_argument("--max-wait-ms", type=float, default=10.0,
+                       help="how long an idle server waits for more requests to fill a batch (default: 10)")
+    serve.add_argument("--max-queue", type=_positive_int, default=64,
+                       help="requests that may wait; more are answered 'busy, retry' (default: 64)")
+    serve.add_argument("--threads", type=_positive_int, default=None,
+                       help="torch's CPU threads (default: torch's choice, one per core); on a machine shared "
+                            "with other busy processes, fewer threads than cores hold up better")
+    serve.add_argument("--model-name", default=None,
+                       help="the model's name on the OpenAI endpoint (default: --model as given)")
     serve.set_defaults(run=_serve)
     for command in (generate, edit, serve):
         command.add_argument("--lora", action="append", default=None, metavar="DIR_OR_HUB_ID",

@@ -118,6 +118,20 @@ def check_call_limits(num_prompts: int, num_images_per_prompt: int, num_candidat
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}: use e.g. 1.0")
 
 
+def prior_batches(num_prompts: int, per_prompt: int, batch_size: int, whole_prompts: bool = False) -> list[slice]:
+    """The rows (prompt-major, `per_prompt` each) of each prior call of at most `batch_size` sequences. With
+    `whole_prompts`, a call holds whole prompts, and a prompt with more rows than `batch_size` is split alone,
+    so a prompt's rows fall into the same calls whatever prompts surround it."""
+    total = num_prompts * per_prompt
+    if not whole_prompts:
+        return [slice(start, start + batch_size) for start in range(0, total, batch_size)]
+    if per_prompt <= batch_size:
+        step = batch_size // per_prompt * per_prompt
+        return [slice(start, start + step) for start in range(0, total, step)]
+    return [slice(start, min(start + batch_size, first + per_prompt))
+            for first in range(0, total, per_prompt) for start in range(first, first + per_prompt, batch_size)]
+
+
 class PipelineLoadError(ValueError):
     """A file of a saved pipeline that is there but cannot be read; `path` names it."""
 
@@ -419,7 +433,7 @@ class TextToImagePipeline:
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         image: Image.Image | torch.Tensor | None = None,
         mask_image: Image.Image | torch.Tensor | None = None,
         strength: float | None = None,
@@ -451,7 +465,11 @@ class TextToImagePipeline:
         calls of at most `batch_size` sequences; the scorer (`scorer`, else `self.scorer`) scores each
         against its prompt and the best `num_images_per_prompt` are kept, highest score first. With
         as many candidates as images nothing is dropped or reordered, and the scores come along when
-        there is a scorer. `return_dict=False` gives `(images, codes)`, plus `scores` when scored.
+        there is a scorer. `generator`: one for the call, or a list with one per prompt: each prompt's candidates
+        then draw from their own generator, in prior calls that never split a prompt with fewer candidates than
+        `batch_size`, so a prompt gets the same images whatever other prompts share the call (what lets
+        `dallekit serve` batch its users' requests; diffusers' list has one per image instead).
+        `return_dict=False` gives `(images, codes)`, plus `scores` when scored.
         `compile` is the prior's (`PriorModel.generate`): `auto` (default) samples eagerly until a
         setting has spent 10 s sampling, then with the compiled one-token step, so a loop of calls, a
         server or a large batch of candidates compiles and one short call does not; `True` compiles at
@@ -475,6 +493,11 @@ class TextToImagePipeline:
                 "the best num_images_per_prompt of num_candidates drawn are kept"
             )
         scorer = self._checked_scorer(scorer) if scorer is not None else self.scorer
+        per_prompt_generators = isinstance(generator, (list, tuple))
+        if per_prompt_generators and len(generator) != len(prompts):
+            raise ValueError(f"generator: give one, or a list of one per prompt ({len(prompts)}), got {len(generator)}")
+        if per_prompt_generators and image is not None:
+            raise ValueError("editing an image takes one generator, not a list of them")
         edit = self._edit(image, mask_image, strength, variation, generator)
         ranks_by_fit = edit is not None and bool(edit.kept_after.any())
         if num_candidates > num_images_per_prompt and scorer is None and not ranks_by_fit:
@@ -493,14 +516,15 @@ class TextToImagePipeline:
         captions = [caption for caption in prompts for _ in range(num_candidates)]
         codes, pixels, scores, fits = [], [], [], []
         pasted_weight = soft_edge(edit.repaint) if edit is not None and paste_back else None  # once per call
-        starts = range(0, len(text_ids), batch_size)
-        bar = tqdm(total=len(starts), desc="candidate batches", unit="batch", disable=not progress or len(starts) == 1)
-        for start in starts:  # the bar is updated, not iterated (see `PriorModel.generate`)
-            batch = slice(start, start + batch_size)
+        batches = prior_batches(len(prompts), num_candidates, batch_size, whole_prompts=per_prompt_generators)
+        row_generators = [g for g in generator for _ in range(num_candidates)] if per_prompt_generators else None
+        bar = tqdm(total=len(batches), desc="candidate batches", unit="batch", disable=not progress or len(batches) == 1)
+        for batch in batches:  # the bar is updated, not iterated (see `PriorModel.generate`)
             rows = len(text_ids[batch])
+            batch_generator = row_generators[batch] if per_prompt_generators else generator
             batch_codes = self.prior.generate(
                 text_ids[batch], guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                generator=generator, negative_text_ids=None if negative_ids is None else negative_ids[batch],
+                generator=batch_generator, negative_text_ids=None if negative_ids is None else negative_ids[batch],
                 init_codes=None if edit is None else edit.codes.expand(rows, -1, -1),
                 keep_mask=None if edit is None else edit.kept.expand(rows, -1, -1),
                 progress=progress, compile=compile,

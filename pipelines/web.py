@@ -4,8 +4,9 @@
 with the model's own validation captions as examples, a negative prompt, the sampling settings and
 a gallery of the results. "Edit": an uploaded image in Gradio's image editor, repainted where the
 brush paints over it (inpainting), or, with nothing painted, partly redrawn by a strength (a
-variation); an optional prompt and negative prompt steer it. Requests wait in Gradio's queue and
-sample one at a time, each as one batched prior call; bad input is answered in the page, and what
+variation); an optional prompt and negative prompt steer it. Requests go through a `RequestBatcher`
+(`pipelines.batching`): concurrent Generate requests, the page's and the OpenAI endpoint's, are
+drawn in one batch, edits in turn; bad input is answered in the page, and what
 the pipeline repairs (an image resized to the model's size, a prompt cut) is said in the notes under
 the gallery. `load_app(model)` is what a Space runs: the page for a saved pipeline, or a page saying
 why it cannot be loaded (`pipelines.space.write_space` writes such a Space).
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -24,14 +27,23 @@ import torch
 from PIL import Image
 
 from dallekit.text_tokenizer import encode_captions
+from pipelines.batching import (
+    MAX_CANDIDATES_PER_REQUEST,
+    MAX_IMAGES_PER_REQUEST,
+    MAX_SEED,
+    GenerationRequest,
+    GenerationResult,
+    RequestBatcher,
+    RequestError,
+    ServerBusy,
+)
 from pipelines.text_to_image import TextToImageOutput, TextToImagePipeline
 
 ComponentT = TypeVar("ComponentT", bound=gr.components.Component)
 Gallery = list[tuple[Image.Image, str]]
 TITLE = "dallekit: text to image"
-MAX_IMAGES = 16
-MAX_CANDIDATES = 64
-MAX_SEED = 2**32 - 1
+MAX_IMAGES = MAX_IMAGES_PER_REQUEST
+MAX_CANDIDATES = MAX_CANDIDATES_PER_REQUEST
 DISPLAY_SIZE = 256  # images are enlarged (nearest neighbour) to at least this many pixels in the gallery
 BRUSH_COLOUR = "rgb(204, 50, 50)"  # the mask's colour over the image; any painted pixel is repainted
 
@@ -80,21 +92,34 @@ def _typed(text: str | None) -> str | None:
     return (text or "").strip() or None
 
 
-def _seeded(pipe: TextToImagePipeline, seed: int | None) -> torch.Generator:
-    """A generator on the pipeline's device seeded with `seed`; an empty seed field is an error in the page."""
+def _seed(seed: int | None) -> int:
+    """The seed field's number; an empty seed field is an error in the page."""
     if seed is None:
         raise gr.Error(f"The seed is empty: give a whole number from 0 to {MAX_SEED}.")
-    return torch.Generator(device=pipe.device).manual_seed(int(seed))
+    return int(seed)
+
+
+def _cut_notes(pipe: TextToImagePipeline, prompt: str | None, negative_prompt: str | None) -> list[str]:
+    """The notes on a prompt or negative prompt cut (`_prompt_cut_note`)."""
+    cut = [_prompt_cut_note(pipe, text, what) for text, what in ((prompt, "prompt"),
+                                                                 (negative_prompt, "negative prompt")) if text]
+    return [note for note in cut if note]
+
+
+def _waited(submit: Callable[[Any], Future], job: Any) -> Any:
+    """`submit(job)`'s result; a full queue is a message in the page."""
+    try:
+        future = submit(job)
+    except ServerBusy as error:
+        raise gr.Error(f"{str(error)[0].upper()}{str(error)[1:]}.") from error
+    return future.result()
 
 
 def _draw(pipe: TextToImagePipeline, prompt: str | None, negative_prompt: str | None,
-          progress: gr.Progress, **settings: Any) -> tuple[TextToImageOutput, list[str]]:
+          **settings: Any) -> tuple[TextToImageOutput, list[str]]:
     """`pipe(prompt, ...)` and the notes on what it repaired: a prompt or negative prompt cut (`_prompt_cut_note`),
     then the pipeline's other warnings (an image resized, ...). Its ValueError is a message in the page."""
-    cut = [_prompt_cut_note(pipe, text, what) for text, what in ((prompt, "prompt"),
-                                                                 (negative_prompt, "negative prompt")) if text]
-    notes = [note for note in cut if note]
-    progress(0, desc="sampling image codes")
+    notes = _cut_notes(pipe, prompt, negative_prompt)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
@@ -108,16 +133,15 @@ def _draw(pipe: TextToImagePipeline, prompt: str | None, negative_prompt: str | 
     return output, notes
 
 
-def _gallery(output: TextToImageOutput, prompt: str | None) -> Gallery:
+def _gallery(images: list[Image.Image], scores: torch.Tensor | list[float] | None, prompt: str | None) -> Gallery:
     """The images enlarged, each captioned with what tells it apart first (a caption is cut to its thumbnail's
-    width): its rank, its score when there is a scorer, then the prompt."""
-    scores = output.scores  # None without a scorer
+    width): its rank, its score when there is a scorer (`scores`, else None), then the prompt."""
 
     def caption(index: int) -> str:
         score = [f"score {float(scores[index]):.3f}"] if scores is not None else []
         return " · ".join([f"#{index + 1}", *score, *([prompt] if prompt else [])])
 
-    return [(_enlarge(image), caption(index)) for index, image in enumerate(output.images)]
+    return [(_enlarge(image), caption(index)) for index, image in enumerate(images)]
 
 
 def _summary(gallery: Gallery, start: float, seed: int, details: list[str], notes: list[str]) -> str:
@@ -151,16 +175,19 @@ def _describe(pipe: TextToImagePipeline) -> str:
     )
 
 
-def build_app(pipe: TextToImagePipeline, compile: bool | Literal["auto"] = "auto") -> gr.Blocks:
-    """The page over `pipe`, queued (one request samples at a time); call `.launch()` to serve it.
+def build_app(pipe: TextToImagePipeline, compile: bool | Literal["auto"] = "auto",
+              batcher: RequestBatcher | None = None) -> gr.Blocks:
+    """The page over `pipe`; call `.launch()` to serve it, or mount it on a FastAPI app (`pipelines.server`).
 
-    Its endpoints are `/generate` and `/edit`. A "candidates to rerank" control appears in the
+    Its requests go through `batcher` (default: a `RequestBatcher` of its own), so concurrent Generate requests
+    are drawn in one batch, and edits run in turn. Its endpoints are `/generate` and `/edit`. A "candidates to rerank" control appears in the
     Generate tab when the pipeline has a scorer (`pipe.scorer`), and is passed to it as
     `num_candidates`; the Edit tab always has one, since an inpainting's candidates are ranked by how
     well they fit the rest of the image too. `compile` goes to the pipeline: `auto` compiles the
     prior's sampling step for a size and setting once its requests have spent 10 s sampling, `True`
     at the first request of each (which waits for it), `False` never.
     """
+    batcher = batcher if batcher is not None else RequestBatcher(pipe, compile=compile)
     has_scorer = pipe.scorer is not None
     size = pipe.vqvae.config.image_size
     info = pipe.training_info
@@ -168,28 +195,37 @@ def build_app(pipe: TextToImagePipeline, compile: bool | Literal["auto"] = "auto
 
     def generate(
         prompt: str, negative_prompt: str, num_images: int, guidance_scale: float, top_k: int, temperature: float,
-        seed: int | None, num_candidates: int | None = None, progress: gr.Progress = gr.Progress(track_tqdm=True),
+        seed: int | None, num_candidates: int | None = None, progress: gr.Progress = gr.Progress(),
     ) -> tuple[Gallery, str]:
         prompt = _typed(prompt)
         if prompt is None:
             raise gr.Error("Type a prompt first, or pick one of the examples.")
-        generator = _seeded(pipe, seed)
-        reranking = {"num_candidates": int(num_candidates)} if num_candidates is not None else {}
+        negative_prompt = _typed(negative_prompt)
+        try:
+            request = GenerationRequest(
+                prompt, num_images=int(num_images), seed=_seed(seed), guidance_scale=float(guidance_scale),
+                negative_prompt=negative_prompt, temperature=float(temperature), top_k=int(top_k) or None,
+                num_candidates=int(num_candidates) if num_candidates is not None else None,
+            )
+        except RequestError as error:
+            raise gr.Error(f"{str(error)[0].upper()}{str(error)[1:]}.") from error
+        notes = _cut_notes(pipe, prompt, negative_prompt)
+        if negative_prompt and request.guidance_scale == 1.0:
+            notes.append("Note: negative_prompt has no effect at guidance_scale 1.0 (no guidance): use e.g. 3.0.")
+        progress(0, desc="sampling image codes")
         start = time.perf_counter()
-        output, notes = _draw(
-            pipe, prompt, _typed(negative_prompt), progress, num_images_per_prompt=int(num_images),
-            guidance_scale=float(guidance_scale), temperature=float(temperature), top_k=int(top_k) or None,
-            generator=generator, compile=compile, **reranking,
-        )
-        gallery = _gallery(output, prompt)
-        reranked = [f"the best of {int(num_candidates)} candidates by the scorer"] if (
+        result: GenerationResult = _waited(batcher.submit, request)
+        gallery = _gallery(result.images, result.scores, prompt)
+        details = [f"the best of {int(num_candidates)} candidates by the scorer"] if (
             num_candidates is not None and num_candidates > num_images) else []
-        return gallery, _summary(gallery, start, int(seed), reranked, notes)
+        if result.batch_requests > 1:
+            details.append(f"drawn in one batch with {result.batch_requests - 1} other request(s)")
+        return gallery, _summary(gallery, start, request.seed, details, notes)
 
     def edit(
         image: dict | None, prompt: str, negative_prompt: str, strength: float, variation: str, paste_back: bool,
         num_images: int, guidance_scale: float, seed: int | None, num_candidates: int,
-        progress: gr.Progress = gr.Progress(track_tqdm=True),
+        progress: gr.Progress = gr.Progress(),
     ) -> tuple[Gallery, str]:
         if image is None or image["background"] is None:
             raise gr.Error("Upload an image to edit first.")
@@ -197,19 +233,20 @@ def build_app(pipe: TextToImagePipeline, compile: bool | Literal["auto"] = "auto
         if mask is None and not strength:
             raise gr.Error("Nothing to redraw: paint over the region to repaint with the brush, or raise the "
                            "strength above 0 to redraw a share of the image.")
-        generator = _seeded(pipe, seed)
+        generator = torch.Generator(device=pipe.device).manual_seed(_seed(seed))
         region = {"mask_image": mask} if mask is not None else {"strength": float(strength)}
         fits = mask is not None or variation == "random"  # candidates ranked by how well they fit the kept codes
         reranked = num_candidates > num_images and (fits or has_scorer)
         prompt = _typed(prompt)
+        progress(0, desc="sampling image codes")
         start = time.perf_counter()
-        output, notes = _draw(
-            pipe, prompt, _typed(negative_prompt), progress, image=image["background"],
+        output, notes = _waited(batcher.run, lambda: _draw(
+            pipe, prompt, _typed(negative_prompt), image=image["background"],
             variation=variation, paste_back=paste_back, num_images_per_prompt=int(num_images),
             guidance_scale=float(guidance_scale), generator=generator, compile=compile,
             num_candidates=int(num_candidates) if reranked else None, **region,
-        )
-        gallery = _gallery(output, prompt)
+        ))
+        gallery = _gallery(output.images, output.scores, prompt)
         redrawn = "the painted region repainted" if mask is not None else (
             f"{float(strength):.0%} of the code grid redrawn ({'its last rows' if variation == 'rows' else 'at random'})")
         ranked_by = " and ".join([*(["their fit to the kept image"] if fits else []),
@@ -261,7 +298,7 @@ def build_app(pipe: TextToImagePipeline, compile: bool | Literal["auto"] = "auto
             gallery, notes = results("")
         inputs = [prompt, negative_prompt, num_images, guidance_scale, top_k, temperature, seed, *candidates]
         gr.on([run.click, prompt.submit], generate, inputs=[_answered_in_page(component) for component in inputs],
-              outputs=[gallery, notes], api_name="generate")
+              outputs=[gallery, notes], api_name="generate", concurrency_limit=batcher.max_queue)
 
         with gr.Tab("Edit", elem_id="edit-tab"), gr.Row():
             with gr.Column(scale=2):
@@ -296,8 +333,8 @@ def build_app(pipe: TextToImagePipeline, compile: bool | Literal["auto"] = "auto
                        edit_guidance_scale, edit_seed, edit_candidates]
         gr.on([run_edit.click, edit_prompt.submit], edit,
               inputs=[_answered_in_page(component) for component in edit_inputs],
-              outputs=[edit_gallery, edit_notes], api_name="edit")
-    return app.queue(default_concurrency_limit=1, max_size=64)
+              outputs=[edit_gallery, edit_notes], api_name="edit", concurrency_limit=batcher.max_queue)
+    return app.queue(max_size=batcher.max_queue)
 
 
 def _error_app(message: str) -> gr.Blocks:

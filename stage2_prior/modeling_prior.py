@@ -28,11 +28,12 @@ shape; `compile="auto"`, the default, switches to it once a setting has spent 10
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
@@ -69,6 +70,19 @@ def exponential_noise(shape: tuple[int, ...], generator: torch.Generator | None,
     so works whatever device the model is on, as in diffusers) and moved to `device`."""
     noise_device = generator.device if generator is not None else device
     return torch.empty(shape, device=noise_device).exponential_(generator=generator).to(device)
+
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def draw_noise(shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
+    """Exp(1) noise [B, V] from one generator, or row `i` from `generator[i]` (a sequence of B): consecutive rows
+    that share a generator draw together, so a group of rows gets the same noise whatever rows surround it (what
+    lets a server batch requests, each with its own seed, and still draw each request's own images)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return exponential_noise(shape, generator, device)
+    runs = [(rows_generator, len(list(rows))) for rows_generator, rows in itertools.groupby(generator)]
+    return torch.cat([exponential_noise((rows, *shape[1:]), rows_generator, device) for rows_generator, rows in runs])
 
 
 def sample_with_noise(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -339,7 +353,7 @@ class PriorModel(PriorPreTrainedModel):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         init_codes: torch.Tensor | None = None,
         init_rows: int = 0,
         keep_mask: torch.Tensor | None = None,
@@ -359,6 +373,8 @@ class PriorModel(PriorPreTrainedModel):
         first k rows. Noise is drawn for every position up to the last sampled one, kept or not, so a
         code's randomness does not depend on the mask, and a mask that keeps nothing draws the codes of
         plain sampling with the same generator.
+        `generator`: one for the batch, or one per row (the same generator may serve several rows; rows that
+        share one draw their noise together, so they get the same codes whatever other rows are in the batch).
         `do_sample=False` picks the most likely code (greedy); `progress` shows a bar over the codes.
         `mixed_precision`: `auto` follows a caller's autocast, else samples in bf16 on CPUs with native
         bf16 (AVX-512 BF16, AMX), where it is faster, else in the weights' dtype; `no` forces the
@@ -371,6 +387,8 @@ class PriorModel(PriorPreTrainedModel):
         within a session under bf16).
         """
         grid, batch = self.config.image_grid_size, text_ids.shape[0]
+        if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != batch:
+            raise ValueError(f"generator: give one, or one per row of text_ids ({batch}), got {len(generator)}")
         if init_rows:
             if init_codes is None or init_codes.shape != (batch, grid, grid) or not 0 < init_rows <= grid:
                 raise ValueError(f"priming needs init_codes [{batch}, {grid}, {grid}] and 0 < init_rows <= {grid}")
@@ -426,13 +444,13 @@ class PriorModel(PriorPreTrainedModel):
             # replaces a tracked bar's iterator with its own, which follows the latest bar opened, e.g. inductor's).
             if do_sample:  # the draws of the kept prefix: a code's noise does not depend on what is kept
                 for _ in range(num_prefix):
-                    exponential_noise(noise_shape, generator, self.device)
+                    draw_noise(noise_shape, generator, self.device)
             end = self.image_start + num_sampled_span  # after it, only kept codes
             bar = tqdm(total=end - prefix_length, desc="sampling image codes", unit="code", disable=not progress,
                        leave=False)
             for position in range(prefix_length, end):
                 first = position - step_input.shape[1]
-                noise = exponential_noise(noise_shape, generator, self.device) if do_sample else None
+                noise = draw_noise(noise_shape, generator, self.device) if do_sample else None
                 try:
                     codes = step(step_input, all_positions[first:position], decoding, noise, guidance_scale, warpers)
                 except Exception as error:  # compile="auto" falls back to the eager step; compile=True fails

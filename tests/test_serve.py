@@ -32,6 +32,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from pipelines import TextToImagePipeline
+from pipelines.batching import RequestBatcher
 from pipelines.cli import main
 from pipelines.space import write_space
 from pipelines.web import DISPLAY_SIZE, build_app, load_app
@@ -279,7 +280,8 @@ def test_a_slow_request_shows_progress_and_blocks_neither_the_page_nor_the_queue
     pipe: TextToImagePipeline, tmp_path: Path,
 ) -> None:
     held = HeldPipeline(pipe)
-    with serving(build_app(held)) as url:
+    batcher = RequestBatcher(held)
+    with serving(build_app(held, batcher=batcher)) as url:
         client = connect(url, tmp_path)
         first = client.submit(prompt=PROMPT, num_images=1, api_name="/generate")
         try:
@@ -290,7 +292,7 @@ def test_a_slow_request_shows_progress_and_blocks_neither_the_page_nor_the_queue
             with urllib.request.urlopen(url, timeout=10) as response:
                 assert response.status == 200 and "dallekit: text to image" in response.read().decode()
             assert time.monotonic() - start < 5
-            wait_for(lambda: second.status().code == Status.IN_QUEUE, "the second request to wait in the queue")
+            wait_for(lambda: batcher.queued == 1, "the second request to wait in the batcher's queue")
             assert not first.done()
         finally:
             held.release.set()
@@ -312,7 +314,7 @@ def test_with_a_scorer_the_page_reranks_candidates_and_shows_their_scores(
     with serving(app) as url:
         client = connect(url, tmp_path)
         images, captions, notes = generate(client, num_images=2, seed=3, num_candidates=6)
-        with pytest.raises(AppError, match=re.escape("num_candidates (1) must be at least num_images_per_prompt (2)")):
+        with pytest.raises(AppError, match=re.escape("candidates must be from the number of images (2) to 64, got 1")):
             generate(client, num_images=2, num_candidates=1)
     expected = scoring(PROMPT, num_images_per_prompt=2, num_candidates=6, generator=torch.Generator().manual_seed(3),
                        progress=False)
@@ -425,7 +427,8 @@ def test_serve_without_gradio_says_how_to_install_it(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
 ) -> None:
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` fails, as without the web extra
-    monkeypatch.delitem(sys.modules, "pipelines.web")
+    for module in ("pipelines.web", "pipelines.server"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
     error = serve_error(capsys, "--model", "./anything")
     assert error == ('dallekit serve: error: the web page needs Gradio, which is not installed: '
                      'pip install -e ".[web]" (from the dallekit checkout)')
