@@ -142,11 +142,12 @@ class RequestBatcher:
     """A bounded queue in front of a pipeline, drawing concurrent requests in batches (see the module docstring)."""
 
     def __init__(self, pipe: TextToImagePipeline, max_batch_images: int = 64, max_wait_seconds: float = 0.01,
-                 max_queue: int = 64, compile: bool | Literal["auto"] = "auto") -> None:
+                 max_queue: int = 64, compile: bool | Literal["auto"] = "auto",
+                 decoding: Literal["sequential", "jacobi", "auto"] = "auto") -> None:
         if max_batch_images < 1 or max_queue < 1 or max_wait_seconds < 0:
             raise ValueError(f"need max_batch_images >= 1, max_queue >= 1 and max_wait_seconds >= 0, got "
                              f"{max_batch_images}, {max_queue} and {max_wait_seconds}")
-        self.pipe, self.compile = pipe, compile
+        self.pipe, self.compile, self.decoding = pipe, compile, decoding
         self.max_batch_images, self.max_wait_seconds, self.max_queue = max_batch_images, max_wait_seconds, max_queue
         self._pending: deque[_Job] = deque()
         self._changed = threading.Condition()
@@ -257,7 +258,7 @@ class RequestBatcher:
             guidance_scale=first.guidance_scale, negative_prompt=negatives if any(negatives) else None,
             temperature=first.temperature, top_k=first.top_k, num_candidates=first.num_candidates,
             generator=[torch.Generator(device=self.pipe.device).manual_seed(request.seed) for request in requests],
-            progress=False, compile=self.compile,
+            progress=False, compile=self.compile, decoding=self.decoding,
         )
         seconds = time.perf_counter() - start
         self.batch_sizes[len(jobs)] += 1

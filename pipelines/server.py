@@ -27,12 +27,13 @@ from pipelines.web import build_app
 
 
 def build_server(pipe: TextToImagePipeline, model_name: str = "dallekit", compile: bool | Literal["auto"] = "auto",
-                 max_batch_images: int = 64, max_wait_seconds: float = 0.01, max_queue: int = 64) -> FastAPI:
+                 max_batch_images: int = 64, max_wait_seconds: float = 0.01, max_queue: int = 64,
+                 decoding: Literal["sequential", "jacobi", "auto"] = "auto") -> FastAPI:
     """The app over `pipe`, served as `model_name` on the OpenAI endpoint; concurrent requests are drawn in
     batches of up to `max_batch_images` sampled sequences, waiting at most `max_wait_seconds` for a batch to fill,
-    and at most `max_queue` requests wait (more get "busy, retry")."""
+    and at most `max_queue` requests wait (more get "busy, retry"); `decoding` is the prior's (`PriorModel.generate`)."""
     batcher = RequestBatcher(pipe, max_batch_images=max_batch_images, max_wait_seconds=max_wait_seconds,
-                             max_queue=max_queue, compile=compile)
+                             max_queue=max_queue, compile=compile, decoding=decoding)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

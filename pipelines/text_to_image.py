@@ -446,6 +446,7 @@ class TextToImagePipeline:
         return_dict: bool = True,
         progress: bool = True,
         compile: bool | Literal["auto"] = "auto",
+        decoding: Literal["sequential", "jacobi", "auto"] = "auto",
     ) -> TextToImageOutput | tuple:
         """Images for `prompt` (one or a list), `num_images_per_prompt` each.
 
@@ -473,7 +474,10 @@ class TextToImagePipeline:
         `compile` is the prior's (`PriorModel.generate`): `auto` (default) samples eagerly until a
         setting has spent 10 s sampling, then with the compiled one-token step, so a loop of calls, a
         server or a large batch of candidates compiles and one short call does not; `True` compiles at
-        once (seconds to tens of seconds per batch size on a CPU), `False` never.
+        once (seconds to tens of seconds per batch size on a CPU), `False` never. `decoding` is the prior's too:
+        `jacobi` drafts and verifies several codes per forward pass (speculative Jacobi decoding: the same
+        distribution, other codes for a seed; not with an image to edit), `sequential` one code per pass, `auto`
+        the one measured faster (see docs/sampling.md).
         """
         if prompt is None and image is None:
             raise ValueError("give a prompt (a prompt is optional only when editing an image: image=...)")
@@ -527,7 +531,7 @@ class TextToImagePipeline:
                 generator=batch_generator, negative_text_ids=None if negative_ids is None else negative_ids[batch],
                 init_codes=None if edit is None else edit.codes.expand(rows, -1, -1),
                 keep_mask=None if edit is None else edit.kept.expand(rows, -1, -1),
-                progress=progress, compile=compile,
+                progress=progress, compile=compile, decoding=decoding,
             )
             codes.append(batch_codes)
             batch_pixels = self._decode(batch_codes)

@@ -16,8 +16,11 @@ oneDNN. `decoder.new_cache(rows)` makes the static key/value cache of one sampli
 `decoder(hidden, positions, cache)` runs new positions through the layers as `LlamaDecoderLayer`
 computes them in eval mode under autocast (residual stream in the model's dtype, norms in fp32,
 matmuls and the cache in `dtype`, rotary in fp32, softmax accumulated in fp32), returning the head's
-logits at the last position. It takes its positions as a tensor and keeps no Python-level state, so
-a one-token step has fixed shapes and `torch.compile` traces it once. Training and uncached sampling
+logits at the last position (or, with `last=n`, at each of the last n: speculative decoding verifies a
+window of drafts in one call). It takes its positions as a tensor, shared by the rows or one row of positions
+per row (rows at different points of their images), and keeps no Python-level state, so a one-token
+step has fixed shapes and `torch.compile` traces it once. A position's cache entries beyond it are
+masked, so rolling back is feeding again from an earlier position. Training and uncached sampling
 keep transformers' own `LlamaModel`; the tests hold this path to it.
 """
 
@@ -114,15 +117,21 @@ class FusedDecoder(nn.Module):
         """RMSNorm without its weight (folded into the next matmul), in fp32, cast to the compute dtype."""
         return F.rms_norm(hidden.float(), hidden.shape[-1:], eps=self.eps).to(self.head.dtype)
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits [B, vocab] (fp32) after the last of the embedded positions `hidden` [B, T, hidden] at
-        `positions` [T], writing their keys and values into the cache's first B rows."""
+    def forward(
+        self, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache, last: int | None = None
+    ) -> torch.Tensor:
+        """Logits (fp32) after the last of the embedded positions `hidden` [B, T, hidden]: [B, vocab]; with
+        `last=n`, after each of the last n [B, n, vocab]. `positions`: [T] for every row, or [B, T] each row's
+        own. Writes their keys and values into the cache's first B rows."""
         rows, kv_heads = hidden.shape[0], self.num_kv_heads
         groups = self.num_heads // kv_heads
-        cos, sin = self.cos[positions, None], self.sin[positions, None]  # [T, 1, head_dim]
-        mask = self.mask[positions]  # [T, max_len]
+        cos, sin = self.cos[positions].unsqueeze(-2), self.sin[positions].unsqueeze(-2)  # [(B,) T, 1, head_dim]
+        mask = self.mask[positions]  # [(B,) T, max_len]
         if groups > 1:  # grouped-query attention: each kv head serves `groups` query heads, stacked as rows
-            mask = mask.repeat(groups, 1)
+            mask = mask.repeat(groups, 1) if positions.ndim == 1 else mask.repeat(1, groups, 1)
+        if positions.ndim == 2:  # one mask per row, for each of its kv heads: [(B kv), (g T), max_len]
+            mask = mask.repeat_interleave(kv_heads, dim=0)
+            row_index = torch.arange(rows, device=positions.device)[:, None]
         for layer, keys, values in zip(self.layers, cache.keys, cache.values):
             if rows < len(keys):  # (a view of a graph input is mutated below: slice only where needed)
                 keys, values = keys[:rows], values[:rows]
@@ -132,8 +141,12 @@ class FusedDecoder(nn.Module):
             first, second = rotated.chunk(2, dim=-1)
             rotated = rotated * cos + torch.cat([-second, first], dim=-1) * sin  # Llama's rotate_half, in fp32
             query, key = rotated.split([self.num_heads, kv_heads], dim=2)
-            keys.index_copy_(2, positions, key.transpose(1, 2).to(keys.dtype))
-            values.index_copy_(2, positions, value.transpose(1, 2))
+            if positions.ndim == 1:
+                keys.index_copy_(2, positions, key.transpose(1, 2).to(keys.dtype))
+                values.index_copy_(2, positions, value.transpose(1, 2))
+            else:  # (indexing rows and positions around a slice puts them first: [B, T, kv_heads, head_dim])
+                keys[row_index, :, positions] = key.to(keys.dtype)
+                values[row_index, :, positions] = value
             query = rearrange(query.to(keys.dtype), "b t (kv g) d -> (b kv) (g t) d", kv=kv_heads)
             scores = torch.baddbmm(mask, query, keys.flatten(0, 1).transpose(1, 2))
             attended = scores.softmax(dim=-1) @ values.flatten(0, 1)
@@ -141,4 +154,4 @@ class FusedDecoder(nn.Module):
             hidden = hidden + F.linear(attended, layer.out)
             gate, up = F.linear(self._normalize(hidden), layer.gate_up).chunk(2, dim=-1)
             hidden = hidden + F.linear(self.activation(gate) * up, layer.down)
-        return F.linear(self._normalize(hidden[:, -1]), self.head).float()
+        return F.linear(self._normalize(hidden[:, -1] if last is None else hidden[:, -last:]), self.head).float()

@@ -22,7 +22,9 @@ exponential race, so the same seed gives the same codes), so every one-token ste
 shapes and no Python-level state: `generate(compile=True)` runs it through `torch.compile`
 (`compiled_sampling_step`: inductor, C++ wrapper and frozen weights on CPU), traced once per batch
 shape; `compile="auto"`, the default, switches to it once a setting has spent 10 s sampling
-(`AutoCompile`). On CPUs with native bf16 it samples in bf16.
+(`AutoCompile`). On CPUs with native bf16 it samples in bf16. `generate(decoding="jacobi")` draws
+several codes per forward pass instead, from the same distribution (speculative Jacobi decoding,
+`speculative.py`); `prior.last_decoding_stats` says what the last call did.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from transformers.utils import ModelOutput
 from dallekit.modeling_utils import StrictPreTrainedModel, inference_dtype
 from stage2_prior.configuration_prior import PriorConfig
 from stage2_prior.kv_decoding import FusedDecoder, KVCache
+from stage2_prior.speculative import DecodingStats, speculative_jacobi_codes
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +173,7 @@ class PriorModel(PriorPreTrainedModel):
         self.embedding_dropout = nn.Dropout(config.embedding_dropout)
         self.residual_dropout = nn.Dropout(config.residual_dropout)
         self.auto_compile = AutoCompile()  # when `generate(compile="auto")` switches to the compiled step
+        self.last_decoding_stats: DecodingStats | None = None  # set by each `generate` call
         # The sampling loop's FusedDecoder, kept across calls while the weights stay the same; in a plain dict, so
         # that it is not a submodule (nor saved, nor trained).
         self._fused_decoder: dict[torch.dtype, tuple[tuple, FusedDecoder]] = {}  # per dtype: (weights' versions, it)
@@ -319,9 +323,14 @@ class PriorModel(PriorPreTrainedModel):
         return _Decoding(self._spatial_embeddings(), decoder, decoder.new_cache(rows) if decoder is not None else None)
 
     def _image_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, decoding: _Decoding) -> torch.Tensor:
-        """Logits [B, image_vocab_size] over the image codes that follow `input_ids` [B, T] at `positions` [T]."""
+        """Logits [B, image_vocab_size] over the image codes that follow `input_ids` [B, T] at `positions` [T]; with
+        each row's own `positions` [B, T] (a window of speculative decoding, cached), those that follow each
+        position [B, T, image_vocab_size]."""
         if decoding.decoder is None:  # no cache: the whole sequence so far, through transformers' decoder
             return self(input_ids, compute_loss=False).logits[:, -1, self.config.text_vocab_size :]
+        if positions.ndim == 2:
+            embedded = self._embed(input_ids, positions, decoding.spatial)
+            return decoding.decoder(embedded, positions, decoding.cache, last=positions.shape[1])
         if len(positions) == 1:
             return decoding.decoder(self._embed(input_ids, positions, decoding.spatial), positions, decoding.cache)
         # The prompt: rows repeat (the candidates of a caption, guidance's empty caption), so each distinct
@@ -363,6 +372,8 @@ class PriorModel(PriorPreTrainedModel):
         progress: bool = False,
         mixed_precision: Literal["auto", "no", "bf16"] = "auto",
         compile: bool | Literal["auto"] = "auto",
+        decoding: Literal["sequential", "jacobi", "auto"] = "auto",
+        jacobi_window: int = 16,
     ) -> torch.Tensor:
         """Sample image codes [B, h, w] for captions `text_ids` [B, text_len].
 
@@ -385,10 +396,18 @@ class PriorModel(PriorPreTrainedModel):
         `auto` (default) samples eagerly until the setting has spent `self.auto_compile.after_seconds`
         (10 s) sampling, then compiles (`AutoCompile`); `False` never compiles (codes that never change
         within a session under bf16).
+        `decoding`: `sequential` draws one code per forward pass; `jacobi` several, by speculative Jacobi
+        decoding (`stage2_prior.speculative`: drafts for `jacobi_window` positions verified per pass, from the
+        same distribution but not the same codes for a seed; eager whatever `compile` says; it needs the KV
+        cache, sampling and no kept codes). `auto` (default) is `sequential`: on the CPU measured, with the
+        demo's prior, jacobi beat only the eager sequential loop, in bf16 at 1-4 images per call (up to 1.4x),
+        never the compiled step, and lost in fp32 and at 8 images (docs/sampling.md).
         """
         grid, batch = self.config.image_grid_size, text_ids.shape[0]
         if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != batch:
             raise ValueError(f"generator: give one, or one per row of text_ids ({batch}), got {len(generator)}")
+        jacobi = self._uses_jacobi(decoding, jacobi_window, use_cache, do_sample,
+                                   init_codes is not None or keep_mask is not None or init_rows > 0)
         if init_rows:
             if init_codes is None or init_codes.shape != (batch, grid, grid) or not 0 < init_rows <= grid:
                 raise ValueError(f"priming needs init_codes [{batch}, {grid}, {grid}] and 0 < init_rows <= {grid}")
@@ -424,6 +443,10 @@ class PriorModel(PriorPreTrainedModel):
         dtype = inference_dtype(self.device, self.dtype, mixed_precision)
         # What a compiled step's graph depends on: the weights (frozen into it) and these.
         fused = self._fused(dtype) if use_cache else None
+        if jacobi:
+            image_ids, self.last_decoding_stats = self._jacobi_codes(input_ids, fused, guidance_scale, warpers,
+                                                                     generator, jacobi_window, progress)
+            return rearrange(image_ids, "b (h w) -> b h w", h=grid)
         setting = (id(fused), len(input_ids), guidance_scale, temperature, top_k, top_p, do_sample, dtype)
         compiled = compile is True or (compile == "auto" and use_cache and self.auto_compile.wants_compiled(setting))
         one_token_step = self._sampling_step
@@ -478,10 +501,60 @@ class PriorModel(PriorPreTrainedModel):
                 logger.info("compile='auto': this sampling setting (%d sequences) has spent %.0f s sampling "
                             "eagerly; its next call compiles the sampling step", len(input_ids),
                             self.auto_compile.eager_seconds[setting])
+        self.last_decoding_stats = DecodingStats("sequential", forward_passes=end - prefix_length,
+                                                 codes=end - prefix_length, accepted_drafts=0.0)
         image_ids = sequence[:batch, self.image_start :] - text_vocab
         if keep is not None:  # the kept codes after the last sampled one
             image_ids[:, num_sampled_span:] = forced[:, num_sampled_span:]
         return rearrange(image_ids, "b (h w) -> b h w", h=grid)
+
+    def _jacobi_codes(
+        self, input_ids: torch.Tensor, decoder: FusedDecoder, guidance_scale: float, warpers: LogitsProcessorList,
+        generator: Generators, window: int, progress: bool,
+    ) -> tuple[torch.Tensor, DecodingStats]:
+        """Image codes [B, image_seq_len] after the prompts `input_ids` (guided: conditional rows, then the
+        unconditional ones) by speculative Jacobi decoding, drawing from the distributions `_sampling_step` draws
+        from, with the same noise source; and what it took."""
+        decoding, guided = self._decoding(len(input_ids), decoder), guidance_scale != 1.0
+
+        def probabilities(logits: torch.Tensor) -> torch.Tensor:  # [rows, (T,) V] -> [B, (T,) V]
+            if guided:
+                logits = classifier_free_guidance(*logits.chunk(2), guidance_scale)
+            # The warpers in use (temperature, top-k, top-p) read only the scores, one distribution per row.
+            return warpers(None, logits.reshape(-1, logits.shape[-1])).softmax(dim=-1).view_as(logits)
+
+        def window_probabilities(codes: torch.Tensor, code_positions: torch.Tensor) -> torch.Tensor:
+            ids, positions = codes + self.config.text_vocab_size, code_positions + self.image_start
+            if guided:
+                ids, positions = ids.repeat(2, 1), positions.repeat(2, 1)
+            return probabilities(self._image_logits(ids, positions, decoding))
+
+        prompt = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return speculative_jacobi_codes(
+            probabilities(self._image_logits(input_ids, prompt, decoding)), window_probabilities,
+            functools.partial(draw_noise, generator=generator, device=self.device), self.config.image_seq_len,
+            window, progress)
+
+    @staticmethod
+    def _uses_jacobi(
+        decoding: str, window: int, use_cache: bool, do_sample: bool, forces_codes: bool
+    ) -> bool:
+        """Whether `generate(decoding=...)` samples by speculative Jacobi decoding: `jacobi` where it can (else a
+        ValueError naming what stands in the way), never under `auto` (see `generate`)."""
+        if decoding not in ("sequential", "jacobi", "auto"):
+            raise ValueError(f"decoding must be 'sequential', 'jacobi' or 'auto', got {decoding!r}")
+        if decoding != "jacobi":
+            return False
+        if window < 1:
+            raise ValueError(f"jacobi_window must be >= 1, got {window}")
+        unsupported = [what for what, present in (
+            ("use_cache=False (it verifies its drafts with the KV cache)", not use_cache),
+            ("do_sample=False (it samples)", not do_sample),
+            ("kept codes (init_codes, keep_mask, init_rows)", forces_codes)) if present]
+        if unsupported:
+            raise ValueError(f"decoding='jacobi' cannot run with {' and '.join(unsupported)}: "
+                             "use decoding='sequential' or 'auto'")
+        return True
 
     def _prompt_ids(self, text_ids: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
         """`[bos, text_ids, prefix]`: the caption and the kept codes (already offset into the joint vocabulary)

@@ -30,7 +30,7 @@ from pipelines import TextToImagePipeline
 from pipelines.batching import RequestBatcher
 from pipelines.server import build_server
 from tests.test_pipeline import tiny_pipeline
-from tests.test_serve import connect, free_port, generate
+from tests.test_serve import connect, free_port, generate, wait_for
 
 PROMPTS = ["a handwritten digit seven", "the number 3", "a digit one", "the number nine"]
 
@@ -92,19 +92,18 @@ def health(url: str) -> dict:
 def held(batcher: RequestBatcher) -> Iterator[threading.Event]:
     """The batcher's worker kept busy until the yielded event is set (on leaving at the latest), so that requests
     sent meanwhile wait in its queue together."""
-    release = threading.Event()
-    batcher.run(lambda: release.wait(timeout=60))
+    release, started = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        release.wait(timeout=60)
+
+    batcher.run(hold)
+    assert started.wait(timeout=30), "the worker did not take the holding job"  # it no longer counts as queued
     try:
         yield release
     finally:
         release.set()
-
-
-def wait_for(condition, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_concurrent_requests_are_drawn_in_one_batch_and_each_gets_its_own_images(
