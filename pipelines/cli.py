@@ -14,6 +14,7 @@
     dallekit serve --model DIR_OR_HUB_ID [--host 127.0.0.1] [--port 7860] [--[no-]compile] [--max-batch-images 64]
                    [--max-queue 64] [--threads N]   (needs the `web` extra; the page, /v1/images/generations, /health)
     (generate, edit and serve take --lora DIR_OR_HUB_ID, repeated for several adapters)
+    dallekit data to-shards DIR OUT [--shard-size 10000] [--caption-column text]   (an image folder as tar shards)
 
 User errors (a missing model, an unknown dataset, a bad number) print one line and exit with 2.
 """
@@ -298,11 +299,23 @@ def _serve(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     app = build_server(_load_pipeline(args.model, args.lora), model_name=args.model_name or args.model,
                        compile=_compile_mode(args), max_batch_images=args.max_batch_images,
-                       max_wait_seconds=args.max_wait_ms / 1000, max_queue=args.max_queue)
+                       max_wait_seconds=args.max_wait_ms / 1000, max_queue=args.max_queue, decoding=args.decoding)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request the page makes
     print(f"dallekit serve: the page at http://{args.host}:{args.port}/, OpenAI's images API at "
           f"http://{args.host}:{args.port}/v1 (model {args.model_name or args.model!r}), health at /health", flush=True)
     serve(app, args.host, args.port)
+
+
+def _to_shards(args: argparse.Namespace) -> None:
+    """Write an image folder as WebDataset tar shards (img2dataset's layout) and say how to train on them."""
+    from dallekit.data.shards import write_shards
+
+    written = write_shards(args.folder, args.out, args.shard_size, args.caption_column)
+    for split, shards in written.items():
+        print(f"{split}: {shards.samples} samples in {len(shards.paths)} shard(s), {shards.paths[0]} ... "
+              f"{shards.paths[-1].name}")
+    if "train" in written:
+        print(f"train on them: dallekit train --data {args.out}")
 
 
 def split_stage_overrides(args: list[str]) -> dict[str, list[str]]:
@@ -333,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command, output_dir in ((demo, "outputs/demo"), (train, "outputs/train")):
         command.add_argument("--output-dir", default=output_dir, type=Path)
         command.add_argument("--image-size", type=_positive_int, default=None,
-                             help="side of the training images; picks the recipe of configs (32 or 64; default: "
+                             help="side of the training images; picks the recipe of configs (32, 64, 128 or 256; default: "
                                   "the built-in dataset's own size, else 64)")
         command.add_argument("--caption-languages", nargs="+", default=None,
                              help="emoji: CLDR name languages to draw captions from (e.g. en es fr de)")
@@ -439,12 +452,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=_positive_int, default=None,
                        help="torch's CPU threads (default: torch's choice, one per core); on a machine shared "
                             "with other busy processes, fewer threads than cores hold up better")
+    serve.add_argument("--decoding", choices=["auto", "sequential", "jacobi"], default="auto",
+                       help="the prior's decoding: jacobi drafts and verifies several codes per forward pass "
+                            "(speculative Jacobi decoding), sequential one; auto: the one measured faster")
     serve.add_argument("--model-name", default=None,
                        help="the model's name on the OpenAI endpoint (default: --model as given)")
     serve.set_defaults(run=_serve)
     for command in (generate, edit, serve):
         command.add_argument("--lora", action="append", default=None, metavar="DIR_OR_HUB_ID",
                              help="a LoRA adapter of the prior to sample with (peft's format); repeat for several")
+
+    data = commands.add_parser("data", help="prepare training data (to-shards: an image folder as WebDataset shards)")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="to-shards")
+    to_shards = data_commands.add_parser(
+        "to-shards", help="write an image folder (metadata.jsonl/.csv) as WebDataset tar shards, img2dataset's layout")
+    to_shards.add_argument("folder", metavar="DIR", help="the image folder: images and metadata.jsonl or .csv")
+    to_shards.add_argument("out", metavar="OUT", type=Path,
+                           help="the folder to write OUT/00000.tar, ... into (a validation split: OUT/validation/)")
+    to_shards.add_argument("--shard-size", type=_positive_int, default=10_000,
+                           help="samples per shard (default: 10000, img2dataset's)")
+    to_shards.add_argument("--caption-column", default="text",
+                           help="the metadata column holding the captions (default: text)")
+    to_shards.set_defaults(run=_to_shards)
     return parser
 
 

@@ -78,6 +78,16 @@ class Recipe:
 RECIPES = {
     32: Recipe(Path("dvae/demo.yaml"), Path("prior/demo.yaml"), Path("scorer/digits.yaml")),
     64: Recipe(Path("dvae/emoji_vq_8x8.yaml"), Path("prior/emoji_8x8.yaml"), Path("scorer/emoji.yaml")),
+    128: Recipe(Path("dvae/fsq_128px.yaml"), Path("prior/small.yaml"), Path("scorer/128px.yaml")),  # GPU-sized
+    256: Recipe(Path("dvae/vq_256px.yaml"), Path("prior/base.yaml"), Path("scorer/256px.yaml")),  # GPU-sized
+}
+GPU_SIZED = 128  # recipes from this image size on are sized for a GPU: on a CPU, a warning with the time they take
+# Training seconds per image of each stage of the GPU-sized recipes at their own model sizes, measured with
+# `dallekit train` (3 steps a stage) on 2 cores of a virtual "Intel(R) Xeon(R) Processor" (family 6, model 207:
+# Emerald Rapids) shared with other jobs (docs/training.md)
+CPU_SECONDS_PER_IMAGE = {
+    128: {"stage1": 0.709, "stage2": 0.345, "scorer": 0.0148},
+    256: {"stage1": 2.108, "stage2": 0.593, "scorer": 0.0629},
 }
 NATIVE_IMAGE_SIZE = {"digits": 32, "shapes": 32, "emoji": 64}  # built-ins; any other source defaults to 64
 
@@ -98,6 +108,37 @@ def recipe_for(data: str, image_size: int) -> Recipe:
     shipped = [recipe_path(recipe.stage1), recipe_path(recipe.stage2),
                recipe_path(own_scorer if recipe_exists(own_scorer) else recipe.scorer)]
     return Recipe(*(Path(str(path)) for path in shipped))
+
+
+def cpu_time_estimate(image_size: int, configs: dict[str, Any], stages: set[str]) -> float:
+    """Seconds that training `stages` of the `image_size` recipe (their `training.max_steps` x `batch_size` images)
+    takes on a CPU like the one measured (`CPU_SECONDS_PER_IMAGE`)."""
+    per_image = CPU_SECONDS_PER_IMAGE[image_size]
+    return sum(per_image[name] * configs[name].training.max_steps * configs[name].training.batch_size
+               for name in stages)
+
+
+def _duration(seconds: float) -> str:
+    for unit, length in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * length:
+            return f"{seconds / length:.0f} {unit}"
+    return f"{seconds:.0f} seconds"
+
+
+def warn_if_gpu_sized(image_size: int, configs: dict[str, Any], recipe_stages: set[str]) -> None:
+    """On a machine without an accelerator, warn that a recipe from `GPU_SIZED` px on is sized for a GPU, with the
+    time its stages (those in `recipe_stages`: the recipe's, not configs of one's own) would take on a CPU like
+    the one measured; training goes on."""
+    if image_size < GPU_SIZED or torch.accelerator.is_available() or not recipe_stages:
+        return
+    stages = [name for name in STAGES if name in recipe_stages]
+    steps = ", ".join(f"{name} {configs[name].training.max_steps} steps x {configs[name].training.batch_size}"
+                      for name in stages)
+    logger.warning(
+        "the %dpx recipe is sized for a GPU, and this machine has none: training goes on, and %s (%s) would take "
+        "about %s on 2 CPU cores like the ones measured (docs/training.md: recipes for 128 and 256 px, with the "
+        "time on one GPU); fewer steps (--stage1.training.max_steps N) try it here", image_size,
+        " and ".join(stages), steps, _duration(cpu_time_estimate(image_size, configs, recipe_stages)))
 
 
 def evaluate_languages(
@@ -330,7 +371,7 @@ def train_pipeline(
     """Train, evaluate and save; returns what `metrics.json` holds (on the main process; {} on the others
     of an `accelerate launch`, which take part in the trainings only). Configs are validated before any training.
 
-    `data` is any `data.source` (a built-in name, an image folder with `metadata.jsonl`, a Hub id);
+    `data` is any `data.source` (a built-in name, an image folder with `metadata.jsonl`, WebDataset shards, a Hub id);
     `image_size` defaults to the built-in's own size, else 64 (or, when `stage1_config` is given, to
     that config's); configs default to `recipe_for(...)`;
     `data_overrides` (e.g. `["--data.caption_languages", "[en, es]"]`) apply to every stage,
@@ -346,11 +387,14 @@ def train_pipeline(
     stage it was in continues from its last checkpoint. Another configuration in the same directory is
     refused, naming the difference, unless `overwrite` starts the run over.
     """
-    stage_overrides = stage_overrides or {}
+    stage_overrides = dict(stage_overrides or {})
+    # `--data.validation_source DIR` (split as a stage named "data"): a data setting of every stage
+    data_overrides = [*data_overrides, *(f"--data.{arg[2:]}" if arg.startswith("--") else arg
+                                         for arg in stage_overrides.pop("data", []))]
     unknown = set(stage_overrides) - set(STAGES)
     if unknown:
         raise ConfigError(f"no stage named {sorted(unknown)[0]!r}: per-stage overrides look like "
-                          f"--stage1.training.max_steps 100 (stages: {', '.join(STAGES)})")
+                          f"--stage1.training.max_steps 100 (stages: {', '.join(STAGES)}; --data.* for every one)")
     output_dir = Path(output_dir)
     if data not in BUILTIN_DATASETS:
         # before any config is read: a mistyped folder, or a malformed metadata file, is the likeliest mistake
@@ -404,6 +448,8 @@ def train_pipeline(
         chosen = {name for name in STAGES if given[name] or any(
             arg.split("=")[0] == "--training.batch_size" for arg in stage_overrides.get(name, []))}
         fit_batches_to_data(configs, train_images, launched_processes(), chosen)
+    trained = set(STAGES) - ({"stage1"} if base is not None and not finetune_image_tokenizer else set())
+    warn_if_gpu_sized(image_size, configs, {name for name in trained if not given[name]})
     accelerator = create_accelerator(stage1.training)  # the first training's; the others share its process state
     record = {"data": data, "image_size": image_size} | {name: to_dict(config) for name, config in configs.items()}
     start_or_resume_run(output_dir, record, overwrite, accelerator)

@@ -308,3 +308,13 @@ def test_decode_rejects_out_of_range_codes() -> None:
         model.decode(torch.full((1, 8, 8), 64))
     with pytest.raises(ValueError, match="pixel_values must have shape"):
         model.encode(torch.zeros(1, 3, 32, 32))
+
+
+def test_vq_with_a_low_dimensional_lookup_trains_under_bf16_autocast() -> None:
+    """The 256px recipe's quantizer (a projected, l2-normalised lookup) updates its EMA codebook in float32 under
+    bf16 autocast, which `mixed_precision: auto` picks on CPUs with bf16 matmul and on GPUs."""
+    model = DVAEModel(tiny_dvae_config("vq", codebook_dim=8, use_l2_norm=True)).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(torch.rand(4, 3, 16, 16) * 2 - 1)
+    output.loss.backward()
+    assert model.quantizer.codebook.dtype == torch.float32 and torch.isfinite(model.quantizer.codebook).all()

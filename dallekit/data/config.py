@@ -13,7 +13,9 @@ class DataConfig:
 
     `source` is a built-in dataset name (`"digits"`, `"shapes"`, `"emoji"`), a local folder (the
     `datasets` imagefolder convention: images plus `metadata.jsonl`/`metadata.csv` with
-    `file_name` and caption columns) or anything else `datasets.load_dataset` accepts (a Hub
+    `file_name` and caption columns), WebDataset tar shards (`shards/{00000..00099}.tar`, a folder
+    of `.tar` files, one `.tar`, or a Hub dataset of them; captions from each sample's `.txt`, else
+    the `caption_json_field` of its `.json`) or anything else `datasets.load_dataset` accepts (a Hub
     dataset id, a local directory of parquet/csv/json files).
 
     Built-in datasets always use their own fixed split (seed 0), so `validation_fraction`
@@ -30,6 +32,10 @@ class DataConfig:
     validation_split: str = "validation"
     validation_fraction: float = 0.1  # share of train held out when validation_split is absent
     seed: int = 0  # seed of that held-out split
+    # WebDataset shards: the JSON field holding the caption of samples without a .txt member
+    caption_json_field: str = "caption"
+    # WebDataset shards: the held-out shards (a pattern, folder or .tar); default: whole shards of `source`
+    validation_source: str | None = None
     streaming: bool = False  # return IterableDataset splits
     num_shapes: int = 2000  # size of the built-in `shapes` dataset
     # built-in `emoji`: the CLDR name languages; the first gives `text`, all of them `captions`
@@ -37,7 +43,7 @@ class DataConfig:
     max_examples: int | None = None  # cap on the train split, for quick runs
 
     def __post_init__(self) -> None:
-        for name in ("source", "image_column", "text_column", "train_split", "validation_split"):
+        for name in ("source", "image_column", "text_column", "train_split", "validation_split", "caption_json_field"):
             value = getattr(self, name)
             _require(isinstance(value, str) and value != "", name, value, "a non-empty string")
         other_columns = ("", self.image_column, self.text_column)
@@ -48,6 +54,13 @@ class DataConfig:
             self.captions_column,
             "None (one caption per image) or the name of a column of caption lists other than the image and "
             "text columns, e.g. 'captions'",
+        )
+        _require(
+            self.validation_source is None
+            or (isinstance(self.validation_source, str) and self.validation_source not in ("", self.source)),
+            "validation_source",
+            self.validation_source,
+            "None (hold out shards of source) or WebDataset shards other than source, e.g. 'shards/validation'",
         )
         _require(
             self.image_column != self.text_column,

@@ -17,6 +17,7 @@ from .checks import DataError, DataSourceNotFoundError, check_image_folder
 from .config import DataConfig
 from .digits import make_digits_dataset
 from .shapes import make_shapes_dataset
+from .shards import held_out_shards, hub_shard_files, is_shard_source, shard_features, shard_files, to_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ def load_text_image_dataset(config: DataConfig) -> Splits:
             splits = datasets.IterableDatasetDict(
                 {name: split.to_iterable_dataset() for name, split in splits.items()}
             )
+    elif is_shard_source(config.source):
+        splits = _load_shards(config, shard_files(config.source))
     else:
         splits = _load_external(config)
     if config.max_examples is not None:
@@ -66,6 +69,11 @@ def load_text_image_dataset(config: DataConfig) -> Splits:
 def _load_external(config: DataConfig) -> Splits:
     """A local folder or Hub dataset through `datasets.load_dataset`, standardised."""
     check_source_exists(config.source, text_column=config.text_column)
+    if not os.path.exists(config.source) and (shards := _hub_shards(config.source)) is not None:
+        return _load_shards(config, shards)
+    if config.validation_source is not None:
+        raise DataError(f"validation_source={config.validation_source!r} names held-out WebDataset shards, and "
+                        f"{config.source!r} is no shard source: drop it (a folder holds out its validation/ folder)")
     raw = _load_dataset(config)
     if config.train_split not in raw:
         raise DataError(
@@ -91,11 +99,13 @@ def _load_external(config: DataConfig) -> Splits:
     return splits_type({"train": train, "validation": validation})
 
 
-def _load_dataset(config: DataConfig) -> datasets.DatasetDict | datasets.IterableDatasetDict:
-    """`datasets.load_dataset(config.source)`, what it raises about the data or the Hub as one-line `DataError`s."""
-    local = os.path.exists(config.source)
+def _load_dataset(config: DataConfig, path: str | None = None,
+                  **options: object) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    """`datasets.load_dataset(path or config.source, **options)`, what it raises about the data or the Hub as
+    one-line `DataError`s."""
+    local = os.path.exists(config.source) or (is_shard_source(config.source) and "://" not in config.source)
     try:
-        return datasets.load_dataset(config.source, streaming=config.streaming)
+        return datasets.load_dataset(path or config.source, streaming=config.streaming, **options)
     except (pyarrow.ArrowException, datasets.exceptions.DatasetGenerationError) as error:
         cause = error.__cause__ or error.__context__ or error
         raise DataError(f"datasets cannot read {config.source}: {_first_line(cause)}") from error
@@ -104,6 +114,63 @@ def _load_dataset(config: DataConfig) -> datasets.DatasetDict | datasets.Iterabl
             raise
         raise DataError(f"cannot load the Hub dataset {config.source!r} ({_first_line(error)}): check the network "
                         "and the id, or give the path of a local image folder") from error
+
+
+def _hub_shards(source: str) -> dict[str, list[str]] | None:
+    """`hub_shard_files(source)`, what it raises about the Hub as a one-line `DataError`."""
+    try:
+        return hub_shard_files(source)
+    except (ConnectionError, OSError) as error:
+        raise DataError(f"cannot load the Hub dataset {source!r} ({_first_line(error)}): check the network "
+                        "and the id, or give the path of a local image folder") from error
+
+
+def _validation_shards(config: DataConfig, shards: dict[str, list[str]]) -> tuple[list[str], list[str]]:
+    """(train, validation) shard names: `config.validation_source`'s shards, else the source's validation split,
+    else whole shards held out (`held_out_shards`; none when there are too few, to hold out samples instead)."""
+    if config.train_split not in shards:
+        raise DataError(f"{config.source!r} has no {config.train_split!r} split of shards (splits: {list(shards)}): "
+                        "set train_split to one of them")
+    train = shards[config.train_split]
+    if config.validation_source is not None:
+        named = (shard_files(config.validation_source) if is_shard_source(config.validation_source)
+                 else _hub_shards(config.validation_source))
+        if named is None:
+            raise DataError(f"validation_source={config.validation_source!r} holds no WebDataset shards: give a "
+                            "pattern such as 'shards/{00090..00099}.tar', a folder of .tar files or one .tar")
+        validation = [name for names in named.values() for name in names]
+        kept = [name for name in train if name not in validation]
+        if len(kept) < len(train):
+            logger.info("%d shards of %r are validation_source's: left out of training", len(train) - len(kept),
+                        config.source)
+        return kept, validation
+    if config.validation_split in shards:
+        return train, shards[config.validation_split]
+    train, validation = held_out_shards(train, config.validation_fraction, config.seed)
+    if validation:
+        logger.info("%r has no validation shards: holding out %d of its %d shards (%.0f%%, seed %d) for validation",
+                    config.source, len(validation), len(train) + len(validation), 100 * config.validation_fraction,
+                    config.seed)
+    return train, validation
+
+
+def _load_shards(config: DataConfig, shards: dict[str, list[str]]) -> Splits:
+    """WebDataset shards through `datasets`' `webdataset` builder, as `train` and `validation` image/text splits."""
+    train_files, validation_files = _validation_shards(config, shards)
+    if not train_files:
+        raise DataError(f"{config.source!r}: every shard is a validation shard: leave some for training")
+    data_files = {"train": train_files} | ({"validation": validation_files} if validation_files else {})
+    raw = _load_dataset(config, "webdataset", data_files=data_files,
+                        features=shard_features(config.caption_json_field))
+    splits = {name: to_pairs(split, config.caption_json_field, config.source) for name, split in raw.items()}
+    if "validation" not in splits:
+        logger.info("%r has fewer shards than it takes to hold out %.0f%% of them whole: holding out %.0f%% of its "
+                    "samples (seed %d) for validation", config.source, 100 * config.validation_fraction,
+                    100 * config.validation_fraction, config.seed)
+        splits["train"], splits["validation"] = _carve_validation(splits["train"], config.validation_fraction,
+                                                                  config.seed)
+    splits_type = datasets.IterableDatasetDict if config.streaming else datasets.DatasetDict
+    return splits_type(splits)
 
 
 def _first_line(error: BaseException) -> str:
@@ -170,6 +237,9 @@ def check_source_exists(source: str, text_column: str | None = "text") -> None:
     sent to the Hub. A checked folder is not re-read while it and its metadata files are unchanged.
     """
     if source in BUILTIN_DATASETS:
+        return
+    if is_shard_source(source):
+        shard_files(source)  # a pattern that matches nothing is a DataError
         return
     if os.path.isdir(source):
         key, state = (os.path.realpath(source), text_column), _folder_state(source)

@@ -75,7 +75,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
 
     def _lookup_space(self, latents: torch.Tensor) -> torch.Tensor:
-        vectors = self.project_in(latents)
+        vectors = self.project_in(latents).float()  # float32 under autocast too, like the codebook and EMA sums
         return F.normalize(vectors, dim=-1) if self.use_l2_norm else vectors
 
     def nearest_codes(self, vectors: torch.Tensor) -> torch.Tensor:
