@@ -64,7 +64,7 @@ def test_pretokenization_is_cached_and_redone_when_the_tokenizer_changes(tmp_pat
         model.decoder.conv_out.bias.add_(1.0)  # a different stage-1 checkpoint
     pretokenize(splits, model, tmp_path)
     assert calls, "a changed stage-1 checkpoint must be encoded again"
-    assert len(list(tmp_path.glob("train-*.arrow"))) == 2
+    assert len(list(tmp_path.glob("train-*/"))) == 2
 
 
 def test_augmented_pretokenization_is_cached_and_redone_when_the_settings_change(
@@ -86,7 +86,7 @@ def test_augmented_pretokenization_is_cached_and_redone_when_the_settings_change
     assert train_split["text"][2::3] == plain["train"]["text"]  # with its caption
     assert sum(train_split["codes"][3 * i + 1] != train_split["codes"][3 * i] for i in range(32)) > 16
     assert augmented["validation"]["codes"] == plain["validation"]["codes"]  # never augmented: its cache is reused
-    assert len(list(tmp_path.glob("validation-*.arrow"))) == 1
+    assert len(list(tmp_path.glob("validation-*/"))) == 1
 
     calls.clear()
     again = pretokenize(splits, model, tmp_path, dataclasses.replace(augmentation))
@@ -99,7 +99,7 @@ def test_augmented_pretokenization_is_cached_and_redone_when_the_settings_change
         calls.clear()
         pretokenize(splits, model, tmp_path, dataclasses.replace(augmentation, **change))
         assert calls, f"changing {change} must encode again"
-    assert len(list(tmp_path.glob("train-*.arrow"))) == 6 and len(list(tmp_path.glob("validation-*.arrow"))) == 1
+    assert len(list(tmp_path.glob("train-*/"))) == 6 and len(list(tmp_path.glob("validation-*/"))) == 1
 
 
 def test_stage2_training_writes_prior_tokenizer_and_samples(tmp_path: Path, stage1_dir: Path) -> None:

@@ -1,10 +1,34 @@
-"""Where dallekit keeps what it builds once and reuses: `$DALLEKIT_CACHE`, or `~/.cache/dallekit`."""
+"""Where dallekit keeps what it builds once and reuses (`$DALLEKIT_CACHE`, or `~/.cache/dallekit`), and the
+fingerprint of a data source that such caches are keyed by."""
 
+import dataclasses
 import os
 from pathlib import Path
+
+from datasets.fingerprint import Hasher
+
+from .config import DataConfig
+from .shards import is_shard_source, shard_files
 
 
 def dallekit_cache_dir(name: str) -> Path:
     """`$DALLEKIT_CACHE/name`, or `~/.cache/dallekit/name` when the variable is unset (not created)."""
     root = os.environ.get("DALLEKIT_CACHE")
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "dallekit") / name
+
+
+def source_fingerprint(config: DataConfig) -> str:
+    """A digest of `config` and of the name, size and modification time of every local file its source
+    (and `validation_source`) names: it changes when a file is added, removed or rewritten. A stream has no
+    fingerprint of its own (`datasets` gives map-style datasets one); a Hub source is known by its id only."""
+    files = []
+    for source in filter(None, (config.source, config.validation_source)):
+        names = [name for group in shard_files(source).values() for name in group] if is_shard_source(source) \
+            else [os.path.expanduser(source)]
+        for name in names:
+            if os.path.isdir(name):
+                files += [os.path.join(root, file) for root, _, found in os.walk(name) for file in found]
+            elif os.path.isfile(name):
+                files.append(name)
+    stats = [(os.path.abspath(file), os.stat(file).st_size, os.stat(file).st_mtime_ns) for file in sorted(files)]
+    return Hasher.hash([dataclasses.asdict(config), stats])
