@@ -11,10 +11,11 @@ is plain text, never the special token. The tokenizer is a `transformers.PreTrai
 
 from __future__ import annotations
 
+import itertools
 import logging
 import textwrap
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -28,6 +29,7 @@ EMPTY_CAPTION = ""
 """The unconditional caption of classifier-free guidance: it encodes to `[<eos>, <pad>, ...]`."""
 
 _NUM_BYTES = len(pre_tokenizers.ByteLevel.alphabet())  # 256
+_NO_CAPTION = object()  # what `next` gives for an empty iterable of captions
 NAMED_CUT_CAPTIONS = 3  # the warning about captions longer than text_len names this many, and counts the others
 
 
@@ -59,14 +61,21 @@ def train_text_tokenizer(
     _check_text_len(text_len)
     if min_frequency < 1:
         raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
-    captions = list(captions)
-    if not captions:
+    captions = iter(captions)  # read once as it trains, never all in memory: a stream's captions may not fit
+    first = next(captions, _NO_CAPTION)
+    if first is _NO_CAPTION:
         raise ValueError("captions is empty: pass the training split's captions, e.g. splits['train']['text']")
-    for index, caption in enumerate(captions):
-        if not isinstance(caption, str):
-            raise ValueError(
-                f"captions[{index}] is {caption!r}, not a string: drop or fill missing captions before training"
-            )
+    count = 0
+
+    def checked() -> Iterator[str]:
+        nonlocal count
+        for caption in itertools.chain([first], captions):
+            if not isinstance(caption, str):
+                raise ValueError(
+                    f"captions[{count}] is {caption!r}, not a string: drop or fill missing captions before training"
+                )
+            count += 1
+            yield caption
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(), normalizers.Strip()])
@@ -80,7 +89,7 @@ def train_text_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(captions, trainer=trainer, length=len(captions))
+    tokenizer.train_from_iterator(checked(), trainer=trainer)
     # Saved in tokenizer.json, so it survives save_pretrained/from_pretrained. transformers 5 neither
     # serialises `add_eos_token` nor reports it here (False); setting `add_bos_token`/`add_eos_token`
     # would rebuild this post-processor from those flags.
@@ -89,7 +98,7 @@ def train_text_tokenizer(
     )
     logger.info(
         "trained caption tokenizer on %d captions: %d of at most %d tokens",
-        len(captions), tokenizer.get_vocab_size(), vocab_size,
+        count, tokenizer.get_vocab_size(), vocab_size,
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

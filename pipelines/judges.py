@@ -22,19 +22,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 from accelerate.state import AcceleratorState, PartialState, is_initialized
 from accelerate.utils import broadcast_object_list
 
 from dallekit.data import DataConfig, load_text_image_dataset
-from dallekit.data.cache import dallekit_cache_dir
+from dallekit.data.cache import dallekit_cache_dir, source_fingerprint
 from dallekit.evaluation import EVALUATION_SEED
 from dallekit.scorer import ScorerConfig, TextImageScorer
 from dallekit.scorer.train import ScorerTrainConfig, train
 from dallekit.training.checkpointing import write_directory
 from dallekit.training.config import load_config, recipe_exists, recipe_path, to_dict
-from dallekit.training.data import fitted_batch_size
+from dallekit.training.data import count_examples, fitted_batch_size
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +101,14 @@ def load_or_train_judge(
         ),
     )
     splits = load_text_image_dataset(config.data)
-    if config.training.batch_size * PartialState().num_processes > len(splits["train"]):  # a small dataset
-        config.training.batch_size = fitted_batch_size(len(splits["train"]), PartialState().num_processes)
+    streamed = isinstance(splits["train"], datasets.IterableDataset)  # `data.streaming`: no fingerprint
+    wanted = config.training.batch_size * PartialState().num_processes
+    if (available := count_examples(splits["train"], enough=wanted)) < wanted:  # a small dataset
+        config.training.batch_size = fitted_batch_size(available, PartialState().num_processes)
     key = {
         "format": CACHE_FORMAT,
-        "fingerprints": [splits["train"]._fingerprint, splits["validation"]._fingerprint],
+        "fingerprints": [source_fingerprint(config.data) if streamed else splits["train"]._fingerprint,
+                         splits["validation"]._fingerprint],
         "config": to_dict(config),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 import yaml
 from accelerate import Accelerator
@@ -49,7 +48,7 @@ from dallekit.scorer.train import train as train_scorer
 from dallekit.training.accelerator import create_accelerator, resolve_mixed_precision
 from dallekit.training.checkpointing import list_checkpoints
 from dallekit.training.config import ConfigError, load_config, recipe_exists, recipe_path, to_dict
-from dallekit.training.data import MIN_BATCH_SIZE, fitted_batch_size
+from dallekit.training.data import MIN_BATCH_SIZE, count_examples, fitted_batch_size
 from dallekit.training.images import save_image_grid
 from pipelines.judges import load_or_train_judge
 from pipelines.text_to_image import TextToImagePipeline, pipeline_directory
@@ -173,7 +172,12 @@ def sample_prompts(data: DataConfig, num_rows: int = 10) -> list[tuple[str, str]
         for caption, label in zip(validation["text"], validation["label"]):
             by_class.setdefault(label, caption)
     held_out = list(dict.fromkeys([by_class[label] for label in sorted(by_class)] + list(validation["text"])))
-    trained = [] if by_class else list(dict.fromkeys(splits["train"]["text"]))[: num_rows // 2 - 1]
+    trained: list[str] = []  # the first distinct training captions, read no further (a stream is not read whole)
+    for caption in ([] if by_class else splits["train"].select_columns(["text"])["text"]):
+        if len(trained) == num_rows // 2 - 1:
+            break
+        if caption not in trained:
+            trained.append(caption)
     rows = [(caption, "held out") for caption in held_out[: num_rows - len(trained)]]
     return rows + [(caption, "trained on") for caption in trained]
 
@@ -253,9 +257,10 @@ def launched_processes() -> int:
     return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
 
 
-def training_split_size(data: DataConfig) -> int | None:
-    """How many examples the training split of `data` holds (None for a stream), loaded without the loader's
-    info lines: stage 1 logs them when it loads the split, and a check that fails stays one line."""
+def training_split_size(data: DataConfig, enough: int) -> int:
+    """How many examples the training split of `data` holds, a stream's counted no further than `enough`
+    (`count_examples`), loaded without the loader's info lines: stage 1 logs them when it loads the split,
+    and a check that fails stays one line."""
     data_logger = logging.getLogger("dallekit.data")
     level = data_logger.level
     data_logger.setLevel(logging.WARNING)
@@ -263,7 +268,7 @@ def training_split_size(data: DataConfig) -> int | None:
         train = load_text_image_dataset(data)["train"]
     finally:
         data_logger.setLevel(level)
-    return len(train) if isinstance(train, datasets.Dataset) else None
+    return count_examples(train, enough)
 
 
 def fit_batches_to_data(configs: dict[str, Any], train_images: int, num_processes: int, chosen: set[str]) -> None:
@@ -443,11 +448,11 @@ def train_pipeline(
         )
     configs = {"stage1": stage1, "stage2": stage2, "scorer": scorer}
     check_one_precision(configs)
-    train_images = training_split_size(stage1.data)
-    if train_images is not None:  # a stream's length is unknown until it has been read
-        chosen = {name for name in STAGES if given[name] or any(
-            arg.split("=")[0] == "--training.batch_size" for arg in stage_overrides.get(name, []))}
-        fit_batches_to_data(configs, train_images, launched_processes(), chosen)
+    largest_batch = max(config.training.batch_size for config in configs.values()) * launched_processes()
+    train_images = training_split_size(stage1.data, enough=max(largest_batch, MIN_BATCH_SIZE * launched_processes()))
+    chosen = {name for name in STAGES if given[name] or any(
+        arg.split("=")[0] == "--training.batch_size" for arg in stage_overrides.get(name, []))}
+    fit_batches_to_data(configs, train_images, launched_processes(), chosen)
     trained = set(STAGES) - ({"stage1"} if base is not None and not finetune_image_tokenizer else set())
     warn_if_gpu_sized(image_size, configs, {name for name in trained if not given[name]})
     accelerator = create_accelerator(stage1.training)  # the first training's; the others share its process state

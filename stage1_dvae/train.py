@@ -30,6 +30,7 @@ from dallekit.training.config import (
     TrainingConfig,
     run_from_command_line,
 )
+from dallekit.training.data import training_loader
 from dallekit.training.images import save_image_grid
 from dallekit.training.loop import StepOutput, TrainingTask
 from dallekit.training.loop import train as train_task
@@ -140,12 +141,7 @@ class Stage1Task(TrainingTask[Stage1Config]):
         return DVAEModel(self.config.model)
 
     def train_loader(self) -> DataLoader:
-        return DataLoader(
-            self.splits["train"], batch_size=self.run.batch_size, shuffle=True, drop_last=True,
-            collate_fn=self.collator, num_workers=self.run.num_workers,
-            # Its own generator: starting an epoch must not draw from the global RNG the model samples from.
-            generator=torch.Generator().manual_seed(self.run.seed),
-        )
+        return training_loader(self.splits["train"], self.run, self.config.data.shuffle_buffer_size, self.collator)
 
     def validation_loader(self) -> DataLoader:
         return DataLoader(self.splits["validation"], batch_size=self.run.batch_size, collate_fn=self.collator)

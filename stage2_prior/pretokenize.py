@@ -233,7 +233,7 @@ def pretokenize(
         encoded_shards[name] = mine
         if accelerator is None or accelerator.is_main_process:
             logger.info(
-                "%s split: %d image code sequences%s in %d shard(s) under %s, %s%s", name, len(encoded[name]),
+                "%s split: %d image code sequences%s in %d shard(s) under %s: %s%s", name, len(encoded[name]),
                 f" ({augmentation.copies} augmented copies per image)" if augment else "", num_shards, folder,
                 f"{missing_anywhere} encoded by {num_processes} process(es)" if missing_anywhere else "all loaded",
                 f" ({num_skipped[name]} unreadable images skipped)" if num_skipped[name] else "",

@@ -3,9 +3,10 @@
     accelerate launch -m stage2_prior.train --config configs/prior/digits.yaml [--key value ...]
 
 What is the prior's own: the BPE caption tokenizer (trained, or loaded from `tokenizer_path`), the
-codes of every image encoded once by the frozen stage-1 model (each process its share, cached, with
-`augmentation.copies` shifted/scaled variants of each training image), caption dropout for
-classifier-free guidance, the validation loss it is selected by, sample grids
+codes of every image encoded once by the frozen stage-1 model (shard by shard, each process its
+shards, cached and resumable, a stream with `data.streaming` too; see `stage2_prior.pretokenize`),
+with `augmentation.copies` shifted/scaled variants of each training image, then read memory-mapped;
+caption dropout for classifier-free guidance, the validation loss it is selected by, sample grids
 `output_dir/images/samples_step_N.png` (one row per validation prompt, decoded by the stage-1 model)
 and the exports `output_dir/prior` and `output_dir/tokenizer`. The loop writes checkpoints
 (`--resume_from_checkpoint latest`), logs, `best/` and `metrics.json`.
@@ -26,6 +27,7 @@ from huggingface_hub import HfApi
 from torch.utils.data import DataLoader
 
 from dallekit.data import AugmentationConfig, DataConfig, load_text_image_dataset, training_captions
+from dallekit.data.cache import source_fingerprint
 from dallekit.text_tokenizer import encode_captions, load_or_train_text_tokenizer
 from dallekit.training.config import ConfigError, TrainingConfig, run_from_command_line
 from dallekit.training.images import save_image_grid
@@ -144,7 +146,8 @@ class Stage2Task(TrainingTask[Stage2Config]):
         # each process encodes its share (under the run's mixed precision: bf16 encodes 1.7x faster on CPU)
         with accelerator.autocast():
             encoded = pretokenize(images, self.stage1, Path(self.run.output_dir) / "pretokenized",
-                                  config.augmentation, accelerator=accelerator)
+                                  config.augmentation, accelerator=accelerator,
+                                  source_fingerprint=source_fingerprint(config.data) if config.data.streaming else None)
         self.num_skipped = sum(encoded.num_skipped.values())
         encoded = encoded.select_columns(["text", "codes"])  # list columns (captions, skin tones) cannot be batched
 

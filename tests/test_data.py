@@ -98,10 +98,11 @@ def test_max_examples_caps_train_only():
     assert (len(splits["train"]), len(splits["validation"])) == (50, 397)
 
 
-def test_builtin_streaming_gives_iterable_splits():
+def test_builtin_streaming_streams_train_and_keeps_validation_map_style():
     splits = load_text_image_dataset(DataConfig(source="shapes", num_shapes=20, streaming=True))
     assert isinstance(splits, datasets.IterableDatasetDict)
-    assert sum(1 for _ in splits["train"]) + sum(1 for _ in splits["validation"]) == 20
+    assert isinstance(splits["train"], datasets.IterableDataset) and isinstance(splits["validation"], datasets.Dataset)
+    assert sum(1 for _ in splits["train"]) + len(splits["validation"]) == 20
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -319,6 +320,8 @@ def test_missing_train_split_lists_splits(parquet_dir):
         ("text_column", "image"),
         ("validation_split", "train"),
         ("streaming", "yes"),
+        ("shuffle_buffer_size", 0),
+        ("shuffle_buffer_size", 1.5),
     ],
 )
 def test_data_config_rejects_bad_values(field, value):

@@ -170,11 +170,14 @@ def test_bad_shards_fail_in_one_line(written: tuple[Path, Path], tmp_path: Path)
     assert result.stderr.startswith("dallekit train: error: no shard matches")
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streamed-json-captions"])
 def test_train_on_shards_trains_every_stage_and_counts_the_corrupt_member(written: tuple[Path, Path],
-                                                                          tmp_path: Path) -> None:
+                                                                          tmp_path: Path, streaming: bool) -> None:
     _, shards = written
+    if streaming:  # captions in the JSON members only, every stage reading the shards as a stream
+        shards = rewrite_shards(shards, tmp_path / "json-shards", keep_txt=False)
     result = dallekit("train", "--data", f"{shards}/{{00000..00003}}.tar", "--image-size", "16", *TINY,
-                      "--data.validation_source", str(shards / "00000.tar"),
+                      "--data.validation_source", str(shards / "00000.tar"), f"--data.streaming={streaming}",
                       *(f"--{stage}.training.{name}={value}" for stage in ("stage1", "stage2", "scorer")
                         for name, value in (("max_steps", 2), ("batch_size", 8))),
                       "--output-dir", str(tmp_path / "run"), cache=tmp_path / "cache")

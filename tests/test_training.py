@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from dallekit.training.checkpointing import TrainState, list_checkpoints, resolve_checkpoint
 from dallekit.training.config import ConfigError, TrainingConfig, load_config
-from dallekit.training.data import iterate_batches
+from dallekit.training.data import iterate_batches, resume_position
 from dallekit.training.images import image_grid
 from dallekit.training.loop import ModelSelection
 from dallekit.training.schedules import cosine_anneal, linear_warmup
@@ -223,7 +223,8 @@ def test_batch_iteration_resumes_at_the_same_position() -> None:
     def stream(start: int, count: int) -> list[list[int]]:
         loader = DataLoader(list(range(10)), batch_size=3, shuffle=True, drop_last=True,
                             generator=torch.Generator().manual_seed(0))
-        batches = iterate_batches(accelerator, accelerator.prepare(loader), start=start)
+        prepared = accelerator.prepare(loader)
+        batches = iterate_batches(accelerator, prepared, resume_position(prepared, start, [], process_index=0))
         return [next(batches).tolist() for _ in range(count)]
 
     full = stream(0, 9)

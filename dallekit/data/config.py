@@ -36,7 +36,8 @@ class DataConfig:
     caption_json_field: str = "caption"
     # WebDataset shards: the held-out shards (a pattern, folder or .tar); default: whole shards of `source`
     validation_source: str | None = None
-    streaming: bool = False  # return IterableDataset splits
+    streaming: bool = False  # stream the train split (an IterableDataset); validation is read once, memory-mapped
+    shuffle_buffer_size: int = 1000  # a streamed train split is shuffled through a buffer of this many examples
     num_shapes: int = 2000  # size of the built-in `shapes` dataset
     # built-in `emoji`: the CLDR name languages; the first gives `text`, all of them `captions`
     caption_languages: list[str] = field(default_factory=lambda: ["en"])
@@ -88,6 +89,13 @@ class DataConfig:
         )
         _require(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "a non-negative integer")
         _require(isinstance(self.streaming, bool), "streaming", self.streaming, "True or False")
+        _require(
+            _is_int(self.shuffle_buffer_size) and self.shuffle_buffer_size > 0,
+            "shuffle_buffer_size",
+            self.shuffle_buffer_size,
+            "a positive number of examples (held undecoded in memory by each data-loading worker; 1 shuffles only "
+            "the order of the shards), e.g. 1000",
+        )
         _require(
             _is_int(self.num_shapes) and self.num_shapes >= 10,
             "num_shapes",

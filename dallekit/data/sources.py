@@ -4,15 +4,17 @@
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import datasets
 import huggingface_hub
 import pyarrow
+from datasets.fingerprint import Hasher
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
+from .cache import source_fingerprint
 from .checks import DataError, DataSourceNotFoundError, check_image_folder
 from .config import DataConfig
 from .digits import make_digits_dataset
@@ -43,19 +45,27 @@ def load_text_image_dataset(config: DataConfig) -> Splits:
     `image` holds undecoded `{"bytes", "path"}` values (`datasets.Image(decode=False)`):
     decoding, and skipping unreadable files, is the collator's job. `digits` and `shapes` also
     carry a `label` column; `emoji` carries `captions` and structured columns, and so does a
-    source with a `config.captions_column`. Streaming returns an `IterableDatasetDict`.
+    source with a `config.captions_column`.
+
+    With `config.streaming`, an `IterableDatasetDict` whose `train` split is a stream
+    (`datasets.IterableDataset`, read shard by shard, never whole in memory) and whose `validation`
+    split is a map-style `datasets.Dataset`: held out and small, it is read from the stream once into
+    `datasets`' cache (Arrow on disk, memory-mapped; `materialise`), so that every process evaluates
+    all of it, each its share, and gathers exactly.
     """
     if config.source in BUILTIN_DATASETS:
         splits = BUILTIN_DATASETS[config.source](config)
         splits = splits.cast_column("image", datasets.Image(decode=False))
         if config.streaming:
             splits = datasets.IterableDatasetDict(
-                {name: split.to_iterable_dataset() for name, split in splits.items()}
+                {"train": splits["train"].to_iterable_dataset(), "validation": splits["validation"]}
             )
     elif is_shard_source(config.source):
         splits = _load_shards(config, shard_files(config.source))
     else:
         splits = _load_external(config)
+    if config.streaming:
+        splits["validation"] = materialise(splits["validation"], config)
     if config.max_examples is not None:
         splits["train"] = splits["train"].take(config.max_examples)
     sizes = {
@@ -171,6 +181,27 @@ def _load_shards(config: DataConfig, shards: dict[str, list[str]]) -> Splits:
                                                                   config.seed)
     splits_type = datasets.IterableDatasetDict if config.streaming else datasets.DatasetDict
     return splits_type(splits)
+
+
+def materialise(split: Split, config: DataConfig) -> datasets.Dataset:
+    """`split` as a map-style dataset: a stream read once into `datasets`' cache (Arrow on disk, memory-mapped),
+    keyed by the source's fingerprint (`cache.source_fingerprint`: the config and its local files' sizes and times),
+    so that a later run, or another process of this one, reads it from there."""
+    if isinstance(split, datasets.Dataset):
+        return split
+    if next(iter(split), None) is None:
+        raise DataError(f"{config.source!r}: the streamed validation split is empty (a stream without validation "
+                        "shards holds out about data.validation_fraction of its samples, by a hash of each image): "
+                        "raise data.validation_fraction, or give validation shards (a validation/ folder, or "
+                        "data.validation_source)")
+    return datasets.Dataset.from_generator(
+        _examples, features=split.features, gen_kwargs={"split": split}, split=datasets.Split.VALIDATION,
+        fingerprint=Hasher.hash(["validation", source_fingerprint(config)]),
+    )
+
+
+def _examples(split: datasets.IterableDataset) -> Iterator[dict]:
+    yield from split
 
 
 def _first_line(error: BaseException) -> str:
@@ -330,11 +361,19 @@ def _check_caption_lists(split: Split, config: DataConfig) -> None:
     )
 
 
-def training_captions(split: datasets.Dataset) -> list[str]:
-    """Every caption a model trained on `split` sees: each entry of `captions` when it has them, else `text`."""
+def training_captions(split: Split) -> Iterable[str]:
+    """Every caption a model trained on `split` sees: each entry of `captions` when it has them, else `text`.
+
+    A list for a map-style split; for a stream, an iterator that reads them in one pass as it is consumed (the
+    images are read past, not decoded), so that they are never all in memory.
+    """
+    if isinstance(split, datasets.Dataset):
+        if "captions" in split.column_names:
+            return [caption for captions in split["captions"] for caption in captions]
+        return list(split["text"])
     if "captions" in split.column_names:
-        return [caption for captions in split["captions"] for caption in captions]
-    return list(split["text"])
+        return (caption for captions in split.select_columns(["captions"])["captions"] for caption in captions)
+    return iter(split.select_columns(["text"])["text"])
 
 
 def _carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:

@@ -14,15 +14,55 @@ import time
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
+import datasets
 import torch
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dallekit.data import DataConfig, decode_pairs, load_text_image_dataset
+from dallekit.data import DataConfig, TextImageCollator, decode_pairs, load_text_image_dataset
+from dallekit.data.sources import Split
 from dallekit.evaluation.classifier import ImageClassifier, class_columns, classify, load_or_train_classifier
 from dallekit.evaluation.metrics import exact_copy_rate, frechet_distance, near_copy_rate, prompt_adherence
 from dallekit.evaluation.scorer_metrics import judge_images
 from dallekit.scorer import TextImageScorer
 from stage1_dvae import DVAEModel
+
+
+MAX_TRAIN_IMAGES = 10_000  # the training images generated ones are compared with (copies, real distances)
+TRAIN_CHUNK = 256  # training images decoded at a time
+
+
+@dataclasses.dataclass
+class TrainingReference:
+    """What the evaluation keeps of the training images: their code grids and judges' features, not their pixels."""
+
+    codes: torch.Tensor  # [N, h, w]
+    scorer_features: torch.Tensor  # [N, D]
+    classifier_features: torch.Tensor | None  # [N, D'] with a classifier
+
+
+def training_reference(split: Split, vqvae: DVAEModel, scorer: TextImageScorer, classifier: ImageClassifier | None,
+                       image_size: int, max_images: int | None) -> TrainingReference:
+    """The first `max_images` training images (all with None; a stream read no further), decoded
+    `TRAIN_CHUNK` at a time and kept as codes and features only (unreadable images skipped)."""
+    if max_images is not None:
+        split = split.take(max_images) if isinstance(split, datasets.IterableDataset) \
+            else split.select(range(min(max_images, len(split))))
+    collator = TextImageCollator(image_size)
+    device = next(vqvae.parameters()).device
+    codes, scorer_features, classifier_features = [], [], []
+    for batch in DataLoader(split.select_columns(["image", "text"]), batch_size=TRAIN_CHUNK, collate_fn=collator):
+        pixels = batch["pixel_values"]
+        if not len(pixels):
+            continue
+        codes.append(vqvae.encode(pixels.to(device)).cpu())
+        scorer_features.append(scorer.image_features(pixels))
+        if classifier is not None:
+            classifier_features.append(classify(classifier, pixels)[0])
+    if not codes:
+        raise ValueError("the training split has no readable image to compare generated ones with")
+    return TrainingReference(torch.cat(codes), torch.cat(scorer_features),
+                             torch.cat(classifier_features) if classifier is not None else None)
 
 
 class Pipeline(Protocol):
@@ -50,6 +90,7 @@ def evaluate_pipeline(
     progress: bool = True,
     *,
     scorer: TextImageScorer,
+    max_train_images: int | None = MAX_TRAIN_IMAGES,
 ) -> dict[str, Any]:
     """Generation metrics of `pipe` on `dataset` per guidance scale, JSON-serialisable.
 
@@ -60,9 +101,12 @@ def evaluate_pipeline(
     with a generator seeded by `seed`. `scorer` is the evaluation scorer (never a reranking one:
     `pipelines.judges.load_or_train_judge` trains one); the classifier, for a dataset with
     class-label columns (digits, shapes) only, is `load_or_train_classifier(dataset, image_size)`
-    unless given. Returns::
+    unless given. Copies, and the real train-vs-validation distances, are measured against the first
+    `max_train_images` training images (all with None), encoded chunk by chunk: a large or streamed
+    training split is never decoded whole. Returns::
 
         {"dataset", "image_size", "num_prompts", "num_candidates", "seed", "seconds",
+         "num_train_images": the training images compared with (readable ones, at most `max_train_images`),
          "sampling_seconds": {"3.0": seconds in the pipeline's calls (drawing, decoding, reranking), ...},
          "real_r_precision": R-precision of the real validation images (the ceiling),
          "real_clip_score": their CLIPScore-style similarity to their captions,
@@ -114,20 +158,18 @@ def evaluate_pipeline(
             f"the scorer reads {scorer.model.config.image_size}px images but the pipeline makes {image_size}px ones: "
             f"pass a scorer trained at {image_size}px, or none"
         )
-    train_pixels = decode_pairs(splits["train"], image_size).pixel_values
+    train = training_reference(splits["train"], pipe.vqvae, scorer, classifier, image_size, max_train_images)
     validation_pixels, validation_texts, *_ = decode_pairs(splits["validation"], image_size)
-    device = next(pipe.vqvae.parameters()).device
-    train_codes = torch.cat([pipe.vqvae.encode(batch.to(device)).cpu() for batch in train_pixels.split(batch_size)])
     real_scores, validation_scorer_features = judge_images(
         scorer, validation_pixels, validation_texts, validation_texts, seed)
     real = {f"real_{name}": value for name, value in real_scores.items()}
-    train_scorer_features = scorer.image_features(train_pixels)
-    real["real_scorer_frechet_distance"] = frechet_distance(train_scorer_features, validation_scorer_features)
+    real["real_scorer_frechet_distance"] = frechet_distance(train.scorer_features, validation_scorer_features)
+    train_codes = train.codes
     if classifier is None:  # near copies in the scorer's feature space instead of the classifier's
-        train_features, validation_features = train_scorer_features, validation_scorer_features
+        train_features, validation_features = train.scorer_features, validation_scorer_features
     else:
         validation_targets = {name: torch.tensor(splits["validation"][name]) for name in classes}  # built-ins decode
-        train_features, _ = classify(classifier, train_pixels)
+        train_features = train.classifier_features
         validation_features, validation_predictions = classify(classifier, validation_pixels)
         ceiling = prompt_adherence(validation_predictions, validation_targets)
 
@@ -171,7 +213,7 @@ def evaluate_pipeline(
         }
     bar.close()
     result = {"dataset": dataset, "image_size": image_size, "num_prompts": num_prompts,
-              "num_candidates": num_candidates, "seed": seed}
+              "num_candidates": num_candidates, "seed": seed, "num_train_images": len(train_codes)}
     if classifier is not None:
         result |= {
             "classifier_validation_accuracy": ceiling.pop("all"),

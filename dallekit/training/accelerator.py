@@ -70,7 +70,8 @@ def create_accelerator(config: TrainingConfig) -> Accelerator:
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         # A seedable sampler makes the data order a function of (the loader generator's seed, epoch): exact resume.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # A stream is not read by the main process alone and dispatched: each process reads its own shards.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, dispatch_batches=False),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.process_group_timeout))],
     )
     if accelerator.device.type == "cpu":

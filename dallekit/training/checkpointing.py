@@ -30,6 +30,7 @@ class TrainState:
 
     step: int = 0
     micro_batches: int = 0  # the data position: micro-batches consumed, skipped ones included
+    data_positions: list[list[int]] = dataclasses.field(default_factory=list)  # a stream's [epoch, offset] by process
     images_seen: int = 0
     tokens_seen: int = 0
     num_skipped: int = 0  # unreadable images dropped from training batches

@@ -5,7 +5,8 @@ batch, validation metrics, the image grid, the export). The loop does the rest, 
 
 - mixed precision, gradient accumulation and clipping (accelerate), AdamW with warmup and cosine;
 - atomic checkpoints every `checkpointing_steps`, the last `checkpoints_total_limit` kept, exact resume
-  (the data position is the number of micro-batches consumed, empty batches included);
+  (the data position is the number of micro-batches consumed, empty batches included, and for a stream
+  each process's pass and offset in it: `training.data`);
 - validation every `eval_every` steps on every process, each on its share, gathered
   (`gather_for_metrics`); the best weights so far in `output_dir/best`, early stop on patience;
 - logs (trackers, progress bar or log lines), throughput over training time only (validation, grids,
@@ -50,7 +51,7 @@ from dallekit.training.checkpointing import (
     write_directory,
 )
 from dallekit.training.config import ConfigError, TrainingConfig, to_dict
-from dallekit.training.data import batches_per_epoch, iterate_batches
+from dallekit.training.data import gather_positions, iterate_batches, resume_position
 from dallekit.training.optim import create_lr_scheduler, create_optimizer
 from dallekit.training.reporting import flat_hparams, format_metrics
 
@@ -342,20 +343,20 @@ def train(task: TrainingTask, accelerator: Accelerator | None = None) -> dict[st
     selection = ModelSelection(state, run, task.metric)
     progress = tqdm(total=run.max_steps, initial=state.step, desc=task.name, unit="step",
                     disable=not (run.progress and accelerator.is_local_main_process))
-    batches = iterate_batches(accelerator, train_loader, start=state.micro_batches)
+    position = resume_position(train_loader, state.micro_batches, state.data_positions, accelerator.process_index)
+    batches = iterate_batches(accelerator, train_loader, position)
     clock = TrainingClock()
     seconds_before = state.train_seconds  # spent by the runs this one resumes
     run_start = {"step": state.step, "images": state.images_seen, "tokens": state.tokens_seen}
     window = {"seconds": clock.seconds, "images": state.images_seen, "tokens": state.tokens_seen}
     pending_skipped = 0
-    first_pass = batches_per_epoch(train_loader) or float("inf")  # micro-batches of the first pass over the data
     model.train()
     out_of_time = False  # training.max_train_seconds spent (by this run and the ones it resumes)
     while state.step < run.max_steps and not selection.should_stop and not out_of_time:
         batch = next(batches)
         micro_batch = state.micro_batches
         state.micro_batches += 1  # the data position: a resumed run continues after this batch, even a skipped one
-        if isinstance(batch, dict) and micro_batch < first_pass:  # each unreadable file counted once
+        if isinstance(batch, dict) and position.epoch == 0:  # each unreadable file counted once: in the first pass
             pending_skipped += batch.get("num_skipped", 0)
         if _any_process(accelerator, task.is_empty(batch)):  # every image of some process's batch was unreadable
             continue
@@ -426,6 +427,7 @@ def train(task: TrainingTask, accelerator: Accelerator | None = None) -> dict[st
                 accelerator.wait_for_everyone()
             if state.step % run.checkpointing_steps == 0 or finishing:
                 state.train_seconds = seconds_before + clock.seconds
+                state.data_positions = gather_positions(accelerator, position)
                 checkpoints.save(state.step)
     progress.close()
 
