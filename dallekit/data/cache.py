@@ -19,10 +19,10 @@ def dallekit_cache_dir(name: str) -> Path:
 
 def source_fingerprint(config: DataConfig) -> str:
     """A digest of `config` and of the name, size and modification time of every local file its source
-    (and `validation_source`) names: it changes when a file is added, removed or rewritten. A stream has no
+    (and `validation_source`, `replay_source`) names: it changes when a file is added, removed or rewritten. A stream has no
     fingerprint of its own (`datasets` gives map-style datasets one); a Hub source is known by its id only."""
     files = []
-    for source in filter(None, (config.source, config.validation_source)):
+    for source in filter(None, (config.source, config.validation_source, config.replay_source)):
         names = [name for group in shard_files(source).values() for name in group] if is_shard_source(source) \
             else [os.path.expanduser(source)]
         for name in names:

@@ -36,6 +36,10 @@ class DataConfig:
     caption_json_field: str = "caption"
     # WebDataset shards: the held-out shards (a pattern, folder or .tar); default: whole shards of `source`
     validation_source: str | None = None
+    # fine-tuning: another source (a folder, shards, a built-in name...) whose training examples are mixed into
+    # this one's training split, `replay_fraction` of it, so that the model keeps seeing what it learnt before
+    replay_source: str | None = None
+    replay_fraction: float = 0.2
     streaming: bool = False  # stream the train split (an IterableDataset); validation is read once, memory-mapped
     shuffle_buffer_size: int = 1000  # a streamed train split is shuffled through a buffer of this many examples
     num_shapes: int = 2000  # size of the built-in `shapes` dataset
@@ -88,6 +92,19 @@ class DataConfig:
             "a number strictly between 0 and 1, e.g. 0.1",
         )
         _require(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "a non-negative integer")
+        _require(
+            self.replay_source is None
+            or (isinstance(self.replay_source, str) and self.replay_source not in ("", self.source)),
+            "replay_source",
+            self.replay_source,
+            "None (no replay) or a data source other than source, e.g. the folder a base pipeline was trained on",
+        )
+        _require(
+            _is_number(self.replay_fraction) and 0 < self.replay_fraction < 1,
+            "replay_fraction",
+            self.replay_fraction,
+            "the share of training examples drawn from replay_source, strictly between 0 and 1, e.g. 0.2",
+        )
         _require(isinstance(self.streaming, bool), "streaming", self.streaming, "True or False")
         _require(
             _is_int(self.shuffle_buffer_size) and self.shuffle_buffer_size > 0,

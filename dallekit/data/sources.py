@@ -1,6 +1,7 @@
 """Load any configured source as `train`/`validation` splits with `image` and `text` columns
 (and `captions`, several per image, where the source has them)."""
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -18,6 +19,7 @@ from .cache import source_fingerprint
 from .checks import DataError, DataSourceNotFoundError, check_image_folder
 from .config import DataConfig
 from .digits import make_digits_dataset
+from .replay import mix_in_replay
 from .shapes import make_shapes_dataset
 from .shards import held_out_shards, hub_shard_files, is_shard_source, shard_features, shard_files, to_pairs
 
@@ -68,6 +70,11 @@ def load_text_image_dataset(config: DataConfig) -> Splits:
         splits["validation"] = materialise(splits["validation"], config)
     if config.max_examples is not None:
         splits["train"] = splits["train"].take(config.max_examples)
+    if config.replay_source is not None:
+        replay = load_text_image_dataset(dataclasses.replace(
+            config, source=config.replay_source, replay_source=None, validation_source=None, max_examples=None))
+        splits["train"] = mix_in_replay(splits["train"], replay["train"], config.replay_fraction, config.seed,
+                                        config.replay_source)
     sizes = {
         name: len(split) if isinstance(split, datasets.Dataset) else "streamed"
         for name, split in splits.items()
