@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -36,6 +37,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+
+from dallekit.data import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -207,7 +210,9 @@ def check_dallekit_arguments(arguments: list[str]) -> None:
         pytest.fail(f"dallekit {shlex.join(arguments)}: the command-line parser refuses it")
     for token in extra:
         if token.startswith("--"):
-            assert parsed.command in ("train", "demo") and token[2:].split(".")[0] in STAGES, (
+            group, _, name = token[2:].partition(".")
+            known = group in STAGES or (group == "data" and name in {f.name for f in dataclasses.fields(DataConfig)})
+            assert parsed.command in ("train", "demo") and known, (
                 f"dallekit {shlex.join(arguments)}: unknown option {token}")
 
 
