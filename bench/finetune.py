@@ -91,6 +91,35 @@ def adaptations(base: Path, base_data: Path, image_size: int, chosen: list[str])
     return {name: every[name] for name in chosen}
 
 
+def lora_parameters(log: str) -> int | None:
+    """The trainable parameters a LoRA run's log reports, None for a run without LoRA."""
+    found = re.search(r"LoRA rank \d+ on .*?: ([\d,]+) trainable parameters of ([\d,]+)", log)
+    return int(found.group(1).replace(",", "")) if found else None
+
+
+def adapt(root: Path, name: str, arguments: list[str], reuse: bool = False) -> tuple[TextToImagePipeline, dict]:
+    """One adaptation, `dallekit train ARGUMENTS` into `root/<name>` (with `reuse`, the one already there): its
+    pipeline and what every dataset reports of it (prior steps and training time, trainable prior parameters, peak
+    RSS, the adapter's size)."""
+    output_dir = root / name.replace(" ", "_")
+    log = root / f"{output_dir.name}.log"
+    if reuse and (output_dir / "pipeline").is_dir():
+        measured = {"peak_rss_gb": None, "trainable_prior_parameters": lora_parameters(log.read_text())}
+    else:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        measured = run([*arguments, "--output-dir", str(output_dir)], log)
+    pipe = TextToImagePipeline.from_pretrained(output_dir / "pipeline")
+    metrics = json.loads((output_dir / "metrics.json").read_text())["stage2"]
+    row = {"run": name, "prior_steps": metrics["step"], "prior_train_seconds": round(metrics["train_seconds"], 1),
+           **measured}
+    if row["trainable_prior_parameters"] is None:
+        row["trainable_prior_parameters"] = pipe.prior.num_parameters()
+    adapter = output_dir / "stage2" / "lora" / "adapter_model.safetensors"
+    if adapter.is_file():
+        row["adapter_megabytes"] = round(adapter.stat().st_size / 2**20, 2)
+    return pipe, row
+
+
 def run(args: list[str], log: Path) -> dict:
     """`dallekit train ARGS` in its own process: its metrics, peak RSS and trainable parameters from its log."""
     with log.open("w") as output:
@@ -99,10 +128,8 @@ def run(args: list[str], log: Path) -> dict:
         _, status, usage = os.wait4(process.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"dallekit train {' '.join(args)} failed: see {log}")
-    text = log.read_text()
-    lora = re.search(r"LoRA rank \d+ on .*?: ([\d,]+) trainable parameters of ([\d,]+)", text)
     return {"peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
-            "trainable_prior_parameters": int(lora.group(1).replace(",", "")) if lora else None}
+            "trainable_prior_parameters": lora_parameters(log.read_text())}
 
 
 def adherence(pipe: TextToImagePipeline, prompts: list[str], labels: list[int], classifier, per_prompt: int) -> float:
@@ -211,27 +238,11 @@ def emoji_main(args: argparse.Namespace) -> None:
               "--max-prompts", "5"]
     rows = {}
     for name, extra in adaptations(root / "base" / "pipeline", base_data, EMOJI_IMAGE_SIZE, args.variants).items():
-        output_dir = root / name.replace(" ", "_")
-        if args.reuse_runs and (output_dir / "pipeline").is_dir():
-            lora = re.search(r"LoRA rank \d+ on .*?: ([\d,]+) trainable", (root / f"{output_dir.name}.log").read_text())
-            measured = {"peak_rss_gb": None, "trainable_prior_parameters": int(lora.group(1).replace(",", ""))
-                        if lora else None}
-        else:
-            shutil.rmtree(output_dir, ignore_errors=True)
-            measured = run(["--data", str(group_data), "--output-dir", str(output_dir), *extra, *budget],
-                           root / f"{output_dir.name}.log")
-        pipe = TextToImagePipeline.from_pretrained(output_dir / "pipeline")
-        metrics = json.loads((output_dir / "metrics.json").read_text())["stage2"]
-        row = {"run": name, "prior_steps": metrics["step"], "prior_train_seconds": round(metrics["train_seconds"], 1),
-               "new_group": r_precision_of(pipe, new_prompts, judge, reference, 4),
-               "group_taught": r_precision_of(pipe, taught_prompts, judge, taught_reference, 1), **measured}
-        if measured["trainable_prior_parameters"] is None:
-            row["trainable_prior_parameters"] = pipe.prior.num_parameters()
+        pipe, row = adapt(root, name, ["--data", str(group_data), *extra, *budget], args.reuse_runs)
+        row |= {"new_group": r_precision_of(pipe, new_prompts, judge, reference, 4),
+                "group_taught": r_precision_of(pipe, taught_prompts, judge, taught_reference, 1)}
         if name != "from scratch":
             row["base_groups"] = r_precision_of(pipe, base_prompts, judge, reference, 1)
-        adapter = output_dir / "stage2" / "lora" / "adapter_model.safetensors"
-        if adapter.is_file():
-            row["adapter_megabytes"] = round(adapter.stat().st_size / 2**20, 2)
         rows[name] = row
         print(json.dumps(row), flush=True)
     kept = {f"base_groups_kept_under_{name.replace(' ', '_')}": row["base_groups"]["r_precision"]
@@ -299,24 +310,12 @@ def main() -> None:
         "trainable_prior_parameters": base_pipe.prior.num_parameters()}), flush=True)
     rows = {}
     for name, extra in adaptations(root / "base" / "pipeline", base_data, IMAGE_SIZE, args.variants).items():
-        output_dir = root / name.replace(" ", "_")
-        shutil.rmtree(output_dir, ignore_errors=True)
-        measured = run(["--data", str(group_data), "--output-dir", str(output_dir), *extra, *budget],
-                       root / f"{output_dir.name}.log")
-        pipe = TextToImagePipeline.from_pretrained(output_dir / "pipeline")
-        metrics = json.loads((output_dir / "metrics.json").read_text())["stage2"]
-        row = {"run": name, "prior_steps": metrics["step"], "prior_train_seconds": round(metrics["train_seconds"], 1),
-               "new_digit_adherence": adherence(pipe, new_prompts, [args.held_out] * len(new_prompts), classifier,
-                                                args.images_per_prompt),
-               **measured}
-        if measured["trainable_prior_parameters"] is None:
-            row["trainable_prior_parameters"] = pipe.prior.num_parameters()
+        pipe, row = adapt(root, name, ["--data", str(group_data), *extra, *budget])
+        row["new_digit_adherence"] = adherence(pipe, new_prompts, [args.held_out] * len(new_prompts), classifier,
+                                               args.images_per_prompt)
         if name != "from scratch":
             row["base_digits_adherence"] = adherence(pipe, list(base_prompts.values()), list(base_prompts),
                                                      classifier, args.images_per_prompt)
-        adapter = output_dir / "stage2" / "lora" / "adapter_model.safetensors"
-        if adapter.is_file():
-            row["adapter_megabytes"] = round(adapter.stat().st_size / 2**20, 2)
         rows[name] = row
         print(json.dumps(row), flush=True)
     print(json.dumps({f"base_digits_kept_under_{name.replace(' ', '_')}": row["base_digits_adherence"]
