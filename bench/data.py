@@ -40,6 +40,7 @@ from timing import machine  # noqa: E402
 
 from dallekit.data import DataConfig, load_text_image_dataset, make_shapes  # noqa: E402
 from dallekit.data.cache import source_fingerprint  # noqa: E402
+from dallekit.data.shards import add_tar_member  # noqa: E402
 from dallekit.modeling_utils import cpu_supports_fast_bf16  # noqa: E402
 from dallekit.text_tokenizer import encode_captions, load_or_train_text_tokenizer  # noqa: E402
 from dallekit.training.config import TrainingConfig, load_config  # noqa: E402
@@ -55,11 +56,6 @@ STAGE1_CONFIG = ROOT / "configs" / "dvae" / "emoji_vq_8x8.yaml"
 PRIOR_CONFIG = ROOT / "configs" / "prior" / "emoji_8x8.yaml"
 RENDER_CHUNK = 1000  # shapes rendered at a time, so writing the shards holds few images
 
-
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
 
 
 def write_synthetic_shards(folder: Path, num_images: int, image_size: int, shard_size: int) -> dict:
@@ -85,8 +81,8 @@ def write_synthetic_shards(folder: Path, num_images: int, image_size: int, shard
                 tar = tarfile.open(where / f"{shard:05d}.tar", "w")
             png = io.BytesIO()
             image.save(png, "PNG")
-            add_member(tar, f"{key:09d}.png", png.getvalue())
-            add_member(tar, f"{key:09d}.txt", caption.encode())
+            add_tar_member(tar, f"{key:09d}.png", png.getvalue())
+            add_tar_member(tar, f"{key:09d}.txt", caption.encode())
     tar.close()
     record = {"images": num_images, "shards": num_shards, "validation_shards": held_out,
               "seconds": round(time.perf_counter() - start, 1)}

@@ -30,6 +30,7 @@ from dallekit.data import AugmentationConfig, DataConfig, load_text_image_datase
 from dallekit.data.cache import source_fingerprint
 from dallekit.text_tokenizer import encode_captions, load_or_train_text_tokenizer
 from dallekit.training.config import ConfigError, TrainingConfig, run_from_command_line
+from dallekit.training.data import training_loader
 from dallekit.training.images import save_image_grid
 from dallekit.training.loop import StepOutput, TrainingTask
 from dallekit.training.loop import train as train_task
@@ -178,8 +179,7 @@ class Stage2Task(TrainingTask[Stage2Config]):
         return model
 
     def train_loader(self) -> DataLoader:
-        return DataLoader(self.splits["train"], batch_size=self.run.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.run.num_workers, generator=torch.Generator().manual_seed(self.run.seed))
+        return training_loader(self.splits["train"], self.run, self.config.data.shuffle_buffer_size)
 
     def validation_loader(self) -> DataLoader:
         return DataLoader(self.splits["validation"], batch_size=self.run.batch_size)

@@ -22,6 +22,7 @@ from accelerate.utils import DataLoaderConfiguration
 from safetensors.torch import load_file
 
 from dallekit.data import DataConfig, load_text_image_dataset, make_shapes
+from dallekit.data.shards import add_tar_member
 from dallekit.scorer.train import ScorerTrainConfig
 from dallekit.scorer.train import train as train_scorer
 from dallekit.training.config import TrainingConfig, load_config
@@ -37,11 +38,6 @@ TRAINING_CAPTIONS = {f"sample {index}" for index in range((NUM_SHARDS - 1) * SHA
 QUIET = ["--report_to", "none", "--progress", "false"]
 
 
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -55,13 +51,13 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 kind, extension = FORMATS[index % len(FORMATS)]
                 data = io.BytesIO()
                 images[index][0].save(data, kind)
-                add_member(tar, f"{index:09d}.{extension}",
+                add_tar_member(tar, f"{index:09d}.{extension}",
                            b"RIFF\x10\x00\x00\x00WEBP truncated" if index == CORRUPT else data.getvalue())
                 caption = f"sample {index}"
                 if index % 2:
-                    add_member(tar, f"{index:09d}.txt", caption.encode())
+                    add_tar_member(tar, f"{index:09d}.txt", caption.encode())
                 else:
-                    add_member(tar, f"{index:09d}.json", json.dumps({"caption": caption}).encode())
+                    add_tar_member(tar, f"{index:09d}.json", json.dumps({"caption": caption}).encode())
     return root
 
 

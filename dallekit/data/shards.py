@@ -178,7 +178,7 @@ class WrittenShards:
     samples: int
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     """Add `data` as `name`, with fixed metadata so that the same input writes the same bytes."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
@@ -202,10 +202,10 @@ def _write_split(split: datasets.Dataset, folder: str, output: Path, shard_size:
                 image, caption, key = row["image"], row[caption_column], f"{first_key + index:09d}"
                 extension = os.path.splitext(image["path"])[1].lower().lstrip(".")
                 data = image["bytes"] if image["bytes"] is not None else Path(image["path"]).read_bytes()
-                _add_member(tar, f"{key}.{extension}", data)
-                _add_member(tar, f"{key}.txt", caption.encode())
+                add_tar_member(tar, f"{key}.{extension}", data)
+                add_tar_member(tar, f"{key}.txt", caption.encode())
                 metadata = {"caption": caption, "file_name": os.path.relpath(image["path"], folder)}
-                _add_member(tar, f"{key}.json", json.dumps(metadata, ensure_ascii=False).encode())
+                add_tar_member(tar, f"{key}.json", json.dumps(metadata, ensure_ascii=False).encode())
     return WrittenShards(paths, len(split))
 
 
