@@ -1,6 +1,7 @@
 """Benchmark the stage-2 prior: training throughput against the machine's matmul peak, sampling speed.
 
     python bench/stage2.py [--config configs/prior/digits.yaml] [--train_steps 30] [--device cuda]
+                           [--batch_size 64] [--compile config|yes|no] [--vocabularies 2048 1024]
                            [--measurements pipeline sampling train] [--pipeline_batches 8 100] [--reference]
 
 Prints one JSON object per measurement, each naming the CPU (`lscpu`) and the machine's load:
@@ -18,8 +19,10 @@ Prints one JSON object per measurement, each naming the CPU (`lscpu`) and the ma
 - `sampling`: images/s with and without the KV cache and with guidance, for the config's grid
   (digits: 64 image tokens) and for a 16x16 grid (256 image tokens); targets: cache >= 5x faster
   than no cache at 256 tokens, guidance <= 2.2x the unguided time.
-- `train`: tokens/s of the prior's training step and its achieved FLOP/s as a share of the
-  matmul FLOP/s measured in the same run (same dtype and device); target >= 60% on CPU.
+- `train`: tokens/s of the prior's training step (as the loop runs it: the config's dropout and
+  `training.compile`, each position's logits over its own vocabulary) and its achieved FLOP/s as a share
+  of the matmul FLOP/s measured in the same run (same dtype and device); target >= 60% on CPU. The emoji
+  recipe's prior: `--config configs/prior/emoji_8x8.yaml --vocabularies 2048 1024`.
 - peak RSS after each phase (and peak GPU memory on CUDA).
 
 The device defaults to the accelerator when there is one; `auto` precision means bf16 there.
@@ -79,15 +82,23 @@ def matmul_flops(dtype: torch.dtype, device: torch.device, seconds: float = 2.0)
     return 2 * size**3 * count / (time.perf_counter() - start)
 
 
-def training_flops_per_token(config: PriorConfig, num_parameters: int) -> float:
-    """6 N per token for the weights plus 12 L d T for attention (PaLM's estimate, forward + backward)."""
-    return 6 * num_parameters + 12 * config.num_hidden_layers * config.hidden_size * config.max_seq_len
+def training_flops_per_token(model: PriorModel) -> float:
+    """PaLM's estimate (forward + backward): 6 N per token for the decoder's weights (embeddings excluded), 12 L d T
+    for attention, and the output layer at what training computes: each position's logits over its own vocabulary
+    (text positions over the text ids, image positions over the codes), not the joint one."""
+    config = model.config
+    decoder = sum(p.numel() for name, p in model.decoder.named_parameters() if "embed" not in name)
+    head_rows = (config.text_len * config.text_vocab_size + config.image_seq_len * config.image_vocab_size)
+    head = 6 * config.hidden_size * head_rows / (config.max_seq_len - 1)
+    return 6 * decoder + head + 12 * config.num_hidden_layers * config.hidden_size * config.max_seq_len
 
 
 def bench_training(
     config: PriorConfig, batch_size: int, steps: int, precision: str, compile: bool, device: torch.device
 ) -> dict:
-    """Tokens/s of full training steps (forward, backward, AdamW); compilation happens in the warm-up."""
+    """Tokens/s of full training steps as the loop runs them (forward with each position's own vocabulary, the
+    config's dropout, backward, AdamW), predicted tokens counted as the loop does; compilation is in the warm-up."""
+    torch.manual_seed(0)
     model = PriorModel(config).to(device).train()
     optimizer = create_optimizer(model, TrainingConfig(learning_rate=1e-4))
     forward = torch.compile(model) if compile else model
@@ -96,24 +107,25 @@ def bench_training(
         torch.randint(0, config.image_vocab_size, (batch_size, config.image_grid_size, config.image_grid_size)),
     ).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    for step in range(steps + 3):
-        if step == 3:
+    warmup = 10  # compilation, then the allocator's first steps
+    for step in range(steps + warmup):
+        if step == warmup:
             synchronize(device)
             start = time.perf_counter()
         with autocast:
-            loss = forward(input_ids).loss
+            loss = forward(input_ids, return_logits=False).loss
         loss.backward()
         optimizer.step()
-        optimizer.zero_grad()
+        optimizer.zero_grad(set_to_none=True)
     synchronize(device)
     seconds = time.perf_counter() - start
-    tokens_per_second = steps * input_ids.numel() / seconds
-    non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
-    achieved = tokens_per_second * training_flops_per_token(config, non_embedding)
+    tokens_per_second = steps * batch_size * (input_ids.shape[1] - 1) / seconds
+    achieved = tokens_per_second * training_flops_per_token(model)
     peak = matmul_flops(torch.bfloat16 if precision == "bf16" else torch.float32, device)
     return {
         "benchmark": "stage2", "measurement": "train", "device": str(device), "precision": precision,
-        "compiled": compile,
+        "compiled": compile, "dropout": [config.embedding_dropout, config.residual_dropout],
+        "vocabularies": [config.text_vocab_size, config.image_vocab_size],
         "attention": config.resolved_attention(), "batch_size": batch_size,
         "sequence_length": input_ids.shape[1], "parameters": sum(p.numel() for p in model.parameters()),
         "tokens_per_second": round(tokens_per_second), "achieved_gflops": round(achieved / 1e9, 1),
@@ -214,6 +226,12 @@ def main() -> None:
                         default=["pipeline", "sampling", "train"])
     parser.add_argument("--pipeline_batches", type=int, nargs="+", default=[8, 100])
     parser.add_argument("--repeats", type=int, default=5, help="timed pipeline calls per figure (median)")
+    parser.add_argument("--batch_size", type=int, default=None, help="training batch (default: the config's)")
+    parser.add_argument("--compile", choices=["config", "yes", "no"], default="config",
+                        help="torch.compile the training step (default: the config's training.compile)")
+    parser.add_argument("--vocabularies", type=int, nargs=2, default=None, metavar=("TEXT", "IMAGE"),
+                        help="text and image vocabulary sizes (default: the digits demo's BPE and codebook, 331 128; "
+                             "the emoji recipe's: 2048 1024)")
     parser.add_argument("--reference", action="store_true",
                         help="also time dalle-pytorch 1.6.6's cached sampling of the same size (bench/reference.py)")
     args = parser.parse_args()
@@ -221,8 +239,9 @@ def main() -> None:
     device = torch.device(args.device or (accelerator.type if accelerator is not None else "cpu"))
     run = load_config(Stage2Config, ["--config", args.config])
     config = run.model
-    config.text_vocab_size = 331  # what the BPE reaches on the digits captions
-    config.image_vocab_size, config.image_grid_size = 128, 8
+    # what the BPE reaches on the digits captions, and the digits demo's codebook (set by training, not the config)
+    config.text_vocab_size, config.image_vocab_size = args.vocabularies or (331, 128)
+    config.image_grid_size = 8
     precision = resolve_mixed_precision(run.training.mixed_precision, use_cpu=device.type == "cpu")
     if "pipeline" in args.measurements:
         if args.reference and (reason := reference_available()) is not None:
@@ -235,7 +254,9 @@ def main() -> None:
             print(json.dumps(bench_sampling(sampling_config, args.sample_batch, device) | machine()), flush=True)
     if "train" in args.measurements:
         training = run.training
-        result = bench_training(config, training.batch_size, args.train_steps, precision, training.compile, device)
+        compile = training.compile if args.compile == "config" else args.compile == "yes"
+        result = bench_training(config, args.batch_size or training.batch_size, args.train_steps, precision, compile,
+                                device)
         print(json.dumps(result | machine()), flush=True)
 
 

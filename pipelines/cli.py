@@ -28,7 +28,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-
 ROW_LABEL_WIDTH = 60  # characters of a prompt written beside its row of the `generate` grid
 
 

@@ -57,6 +57,7 @@ from transformers.utils import ModelOutput
 
 from dallekit.modeling_utils import StrictPreTrainedModel, inference_dtype
 from stage2_prior.configuration_prior import PriorConfig
+from stage2_prior.dropout import BitsDropout
 from stage2_prior.kv_decoding import FusedDecoder, KVCache
 from stage2_prior.speculative import DecodingStats, speculative_jacobi_codes
 
@@ -170,8 +171,8 @@ class PriorModel(PriorPreTrainedModel):
         self.row_embedding = nn.Embedding(config.image_grid_size, config.hidden_size)
         self.column_embedding = nn.Embedding(config.image_grid_size, config.hidden_size)
         self.lm_head = VocabularyHead(config.hidden_size, config.vocab_size, bias=False)
-        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
-        self.residual_dropout = nn.Dropout(config.residual_dropout)
+        self.embedding_dropout = BitsDropout(config.embedding_dropout)
+        self.residual_dropout = BitsDropout(config.residual_dropout)
         self.auto_compile = AutoCompile()  # when `generate(compile="auto")` switches to the compiled step
         self.last_decoding_stats: DecodingStats | None = None  # set by each `generate` call
         # The sampling loop's FusedDecoder, kept across calls while the weights stay the same; in a plain dict, so
@@ -277,10 +278,11 @@ class PriorModel(PriorPreTrainedModel):
         text_logits = self.lm_head(hidden[:, :split], slice(None, text_vocab)).float()
         image_logits = self.lm_head(hidden[:, split:-1], slice(text_vocab, None)).float()
         text_targets = targets[:, :split].masked_fill(targets[:, :split] == self.config.pad_token_id, -100)
-        text_loss = F.cross_entropy(text_logits.flatten(0, 1), text_targets.flatten(), ignore_index=-100)
+        # The mean over the text targets there are, 0 for a batch of empty captions (no data-dependent branch, so
+        # that a compiled training step is one graph).
+        text_loss = F.cross_entropy(text_logits.flatten(0, 1), text_targets.flatten(), ignore_index=-100,
+                                    reduction="sum") / (text_targets != -100).sum().clamp(min=1)
         image_loss = F.cross_entropy(image_logits.flatten(0, 1), (targets[:, split:] - text_vocab).flatten())
-        if not torch.isfinite(text_loss):  # a batch of empty captions has no text target
-            text_loss = torch.zeros_like(image_loss)
         return text_loss, image_loss
 
     # ---- sampling -------------------------------------------------------------------------------

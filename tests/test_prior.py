@@ -16,6 +16,7 @@ from transformers.generation.logits_process import (
 )
 
 from stage2_prior import PriorConfig, PriorModel
+from stage2_prior.dropout import BitsDropout
 from stage2_prior.modeling_prior import classifier_free_guidance
 
 
@@ -442,13 +443,50 @@ def test_dropout_acts_in_training_only_and_adds_no_weights(tmp_path) -> None:
 
 
 def test_residual_dropout_survives_torch_compile() -> None:
-    """The residual dropout hooks are traced by torch.compile: active in training, off in eval."""
-    model = PriorModel(tiny_prior_config(residual_dropout=0.5))
+    """The residual dropout hooks are traced by torch.compile: active in training, off in eval. The training
+    forward (dropout and the loss included) is one graph: `fullgraph=True` fails on any graph break."""
+    model = PriorModel(tiny_prior_config(residual_dropout=0.5, embedding_dropout=0.1))
     input_ids = model.build_input_ids(captions(2), torch.randint(0, 16, (2, 4, 4)))
     expected = model.eval()(input_ids).logits
-    compiled = torch.compile(model, backend="aot_eager")  # dynamo's tracing without inductor's slow codegen
+    # dynamo's tracing without inductor's slow codegen
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(input_ids).logits, expected)
     model.train()
     output = compiled(input_ids)
     output.loss.backward()
     assert not torch.allclose(output.logits, expected) and torch.isfinite(output.loss)
+    lean = compiled(input_ids, return_logits=False)  # what a training step calls
+    lean.loss.backward()
+    assert torch.isfinite(lean.loss)
+
+
+def test_a_batch_of_empty_captions_has_zero_text_loss_and_finite_gradients() -> None:
+    model = PriorModel(tiny_prior_config())
+    empty = model.empty_text_ids(2, torch.device("cpu"))
+    empty[:, 0] = model.config.pad_token_id  # no eos either: not one text target
+    output = model(model.build_input_ids(empty, torch.randint(0, 16, (2, 4, 4))), return_logits=False)
+    output.loss.backward()
+    assert output.text_loss.item() == 0.0
+    assert output.loss.item() == pytest.approx(model.config.image_loss_weight * output.image_loss.item())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_bits_dropout_drops_p_and_keeps_the_expectation(p: float) -> None:
+    """BitsDropout drops a share p of the elements (within 5 standard deviations of a binomial draw), scales the
+    rest by 1 / (1 - p), passes gradients through the same mask, draws a new mask per call from the seeded global
+    generator, and is the identity in eval mode."""
+    dropout = BitsDropout(p)
+    x = (torch.rand(64, 89, 33) + 0.5).requires_grad_()  # an odd element count: the last 64-bit draw is cut
+    torch.manual_seed(0)
+    y = dropout(x)
+    kept = y != 0
+    n = x.numel()
+    assert abs((~kept).sum().item() - p * n) < 5 * (n * p * (1 - p)) ** 0.5
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p), rtol=1e-4, atol=0)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept / (1 - p), rtol=1e-4, atol=0)
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), y)
+    assert not torch.equal(dropout(x), y)
+    assert torch.equal(dropout.eval()(x), x)

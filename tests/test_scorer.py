@@ -170,15 +170,15 @@ def test_bad_config_fails_with_a_clear_message(tmp_path: Path, overrides: list[s
 
 @pytest.fixture(scope="module")
 def evaluation_scorer(tmp_path_factory: pytest.TempPathFactory) -> tuple[TextImageScorer, Path]:
-    cache_dir = tmp_path_factory.mktemp("scorers")
-    return load_or_train_judge("digits", 16, config=tiny_config(cache_dir), cache_dir=cache_dir), cache_dir
+    scorers_dir = tmp_path_factory.mktemp("scorers")
+    return load_or_train_judge("digits", 16, config=tiny_config(scorers_dir), cache_dir=scorers_dir), scorers_dir
 
 
 def test_evaluation_scorer_is_cached_and_leaves_the_random_state_alone(
     evaluation_scorer: tuple[TextImageScorer, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    scorer, cache_dir = evaluation_scorer
-    [entry] = cache_dir.glob("digits-16px-seed1234-*")
+    scorer, scorers_dir = evaluation_scorer
+    [entry] = scorers_dir.glob("digits-16px-seed1234-*")
     info = json.loads((entry / "info.json").read_text())
     assert info["config"]["training"]["seed"] == 1234 and info["metrics"]["step"] == 8
 
@@ -186,17 +186,17 @@ def test_evaluation_scorer_is_cached_and_leaves_the_random_state_alone(
         raise AssertionError("retrained although the scorer is cached")
 
     monkeypatch.setattr(pipelines.judges, "train", no_training)
-    again = load_or_train_judge("digits", 16, config=tiny_config(cache_dir), cache_dir=cache_dir)
+    again = load_or_train_judge("digits", 16, config=tiny_config(scorers_dir), cache_dir=scorers_dir)
     pixels = torch.rand(4, 3, 16, 16) * 2 - 1
     assert torch.equal(again.image_features(pixels), scorer.image_features(pixels))
     with pytest.raises(AssertionError, match="retrained"):  # another seed is another scorer
-        load_or_train_judge("digits", 16, seed=0, config=tiny_config(cache_dir), cache_dir=cache_dir)
+        load_or_train_judge("digits", 16, seed=0, config=tiny_config(scorers_dir), cache_dir=scorers_dir)
 
     monkeypatch.undo()
     state = torch.random.get_rng_state()
     with torch.no_grad():  # as in evaluate_pipeline
-        small = load_or_train_judge("digits", 8, config=tiny_config(cache_dir, "--max_steps", "1"),
-                                     cache_dir=cache_dir)
+        small = load_or_train_judge("digits", 8, config=tiny_config(scorers_dir, "--max_steps", "1"),
+                                     cache_dir=scorers_dir)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert small.model.config.image_size == 8 and small.image_features(pixels[:, :, :8, :8]).shape == (4, 32)
 

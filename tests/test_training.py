@@ -406,3 +406,19 @@ def test_a_time_budget_stops_training_and_exports(tmp_path: Path) -> None:
     metrics = train(tiny_config(tmp_path, "--max_steps", "1000", "--max_train_seconds", "1e-6"))
     assert metrics["step"] == 1 and [entry["step"] for entry in metrics["history"]] == [1]
     assert (tmp_path / "model" / "model.safetensors").is_file() and (tmp_path / "checkpoints" / "step_1").is_dir()
+
+
+def test_a_compile_that_fails_warns_and_trains_eagerly(tmp_path: Path) -> None:
+    """`training.compile: true` where inductor cannot build its kernels (here: no C++ compiler, through the
+    public `CXX` variable) warns once and trains the same run eagerly to the end."""
+    env = {**cpu_processes_env(), "CXX": "/nonexistent/c++", "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    result = subprocess.run(
+        [sys.executable, "-m", "stage1_dvae.train", "--config", TINY, "--output_dir", str(tmp_path / "run"),
+         "--max_steps", "4", "--checkpointing_steps", "4", "--compile", "true", "--progress", "false"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("torch.compile failed, training eagerly instead") == 1
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_4"]
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

@@ -27,7 +27,6 @@ from dallekit.evaluation.scorer_metrics import judge_images
 from dallekit.scorer import TextImageScorer
 from stage1_dvae import DVAEModel
 
-
 MAX_TRAIN_IMAGES = 10_000  # the training images generated ones are compared with (copies, real distances)
 TRAIN_CHUNK = 256  # training images decoded at a time
 

@@ -331,6 +331,7 @@ def train(task: TrainingTask, accelerator: Accelerator | None = None) -> dict[st
     set_seed(run.seed, device_specific=True)  # dropout and augmentations differ between processes
     register_forward_methods(accelerator, model, task.forward_methods)
     training_model = torch.compile(model) if run.compile else model
+    compile_untried = run.compile  # until the first compiled step has run: if it fails to compile, train eagerly
     task.prepare(accelerator, model)
 
     checkpoints = CheckpointManager(accelerator, output_dir, run.checkpoints_total_limit, carry=[BEST_MODEL_DIR])
@@ -361,7 +362,16 @@ def train(task: TrainingTask, accelerator: Accelerator | None = None) -> dict[st
         if _any_process(accelerator, task.is_empty(batch)):  # every image of some process's batch was unreadable
             continue
         with accelerator.accumulate(model):
-            output = task.training_step(training_model, batch, state.step, micro_batch)
+            try:
+                output = task.training_step(training_model, batch, state.step, micro_batch)
+            except Exception as error:  # torch.compile compiles at the first call, and fails there (no C++ compiler)
+                if not compile_untried:
+                    raise
+                logger.warning("%s: torch.compile failed, training eagerly instead (training.compile: false "
+                               "skips the attempt): %s", task.name, str(error).strip().splitlines()[0])
+                training_model = model
+                output = task.training_step(model, batch, state.step, micro_batch)
+            compile_untried = False
             accelerator.backward(output.loss)
             if accelerator.sync_gradients and run.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), run.max_grad_norm)
