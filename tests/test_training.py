@@ -14,6 +14,7 @@ from accelerate.utils import DataLoaderConfiguration
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from dallekit.training.budget import CALIBRATION_STEPS
 from dallekit.training.checkpointing import TrainState, list_checkpoints, resolve_checkpoint
 from dallekit.training.config import ConfigError, TrainingConfig, load_config
 from dallekit.training.data import iterate_batches, resume_position
@@ -406,6 +407,38 @@ def test_a_time_budget_stops_training_and_exports(tmp_path: Path) -> None:
     metrics = train(tiny_config(tmp_path, "--max_steps", "1000", "--max_train_seconds", "1e-6"))
     assert metrics["step"] == 1 and [entry["step"] for entry in metrics["history"]] == [1]
     assert (tmp_path / "model" / "model.safetensors").is_file() and (tmp_path / "checkpoints" / "step_1").is_dir()
+
+
+def test_a_time_budget_too_short_for_max_steps_shortens_the_schedule(tmp_path: Path) -> None:
+    """`training.max_train_seconds` that holds fewer than `max_steps`: timed over the first steps, the run plans
+    fewer steps and its learning rate follows the cosine of a run started with that many (ending at the minimum);
+    a resumed run keeps the plan."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    warmup = CALIBRATION_STEPS + 5  # the plan is made during the warmup, which does not depend on the length
+    overrides = ["--max_steps", "100000", "--max_train_seconds", "10", "--warmup_steps", str(warmup), "--log_every", "1",
+                 "--eval_every", "100000", "--image_every", "100000", "--checkpointing_steps", "100000",
+                 "--report_to", "tensorboard", "--quantizer", "vq"]
+    config = tiny_config(tmp_path, *overrides)
+    metrics = train(config)
+    planned = metrics["max_steps"]
+    assert warmup < planned < 100000 and metrics["step"] <= planned
+    logged = logged_scalars(tmp_path, "train/lr")
+    reference = get_cosine_with_min_lr_schedule_with_warmup(
+        torch.optim.SGD([torch.zeros(1)], lr=config.training.learning_rate), warmup, planned,
+        min_lr_rate=config.training.min_lr_ratio)
+    expected = {}
+    for step in range(1, metrics["step"] + 1):
+        reference.optimizer.step()
+        reference.step()
+        expected[step] = reference.get_last_lr()[0]
+    assert logged.keys() == expected.keys()
+    assert all(logged[step] == pytest.approx(expected[step], rel=1e-5) for step in expected)
+    if metrics["step"] == planned:  # not stopped by the budget itself (a slower step late in the run)
+        assert logged[planned] == pytest.approx(config.training.learning_rate * config.training.min_lr_ratio)
+
+    resumed = train(tiny_config(tmp_path, *overrides, "--resume_from_checkpoint", "latest"))
+    assert resumed["max_steps"] == planned
 
 
 def test_a_compile_that_fails_warns_and_trains_eagerly(tmp_path: Path) -> None:

@@ -320,7 +320,9 @@ class TrainingConfig:
     output_dir: str = "outputs/run"
     seed: int = 0
     max_steps: int = 1000
-    max_train_seconds: float | None = None  # also stop once this much training time is spent (a budget); None: off
+    # a training-time budget: fewer steps where max_steps would not fit, on a schedule that ends with the budget
+    # (timed over the first steps: dallekit.training.budget); also stops a run once spent. None: off
+    max_train_seconds: float | None = None
     batch_size: int = 64  # per process: the effective batch is this x processes x gradient_accumulation_steps
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-3

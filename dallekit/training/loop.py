@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from dallekit.training.accelerator import create_accelerator, finish_training
+from dallekit.training.budget import BudgetFit
 from dallekit.training.checkpointing import (
     CheckpointManager,
     TrainState,
@@ -338,11 +339,13 @@ def train(task: TrainingTask, accelerator: Accelerator | None = None) -> dict[st
     resume_path = resolve_checkpoint(run.resume_from_checkpoint, output_dir)
     if resume_path is not None:
         checkpoints.load(resume_path)
+    budget = BudgetFit(run, state, accelerator)  # max_steps, or fewer where training.max_train_seconds holds fewer
+    budget.apply(lr_scheduler, optimizer)
     if run.report_to != "none":
         accelerator.init_trackers(task.name.replace(" ", "_"), config=flat_hparams(task.config))
 
     selection = ModelSelection(state, run, task.metric)
-    progress = tqdm(total=run.max_steps, initial=state.step, desc=task.name, unit="step",
+    progress = tqdm(total=budget.max_steps, initial=state.step, desc=task.name, unit="step",
                     disable=not (run.progress and accelerator.is_local_main_process))
     position = resume_position(train_loader, state.micro_batches, state.data_positions, accelerator.process_index)
     batches = iterate_batches(accelerator, train_loader, position)
@@ -353,7 +356,7 @@ def train(task: TrainingTask, accelerator: Accelerator | None = None) -> dict[st
     pending_skipped = 0
     model.train()
     out_of_time = False  # training.max_train_seconds spent (by this run and the ones it resumes)
-    while state.step < run.max_steps and not selection.should_stop and not out_of_time:
+    while state.step < budget.max_steps and not selection.should_stop and not out_of_time:
         batch = next(batches)
         micro_batch = state.micro_batches
         state.micro_batches += 1  # the data position: a resumed run continues after this batch, even a skipped one
@@ -389,11 +392,13 @@ def train(task: TrainingTask, accelerator: Accelerator | None = None) -> dict[st
         lr_scheduler.step()
         state.step += 1
         progress.update(1)
+        if budget.observe(clock.seconds, lr_scheduler, optimizer, task.name):
+            progress.total = budget.max_steps
         out_of_time = run.max_train_seconds is not None and seconds_before + clock.seconds >= run.max_train_seconds
         if out_of_time:
             logger.info("%s: stopping at step %d: training.max_train_seconds (%g s) spent", task.name, state.step,
                         run.max_train_seconds)
-        last = state.step == run.max_steps or out_of_time
+        last = state.step == budget.max_steps or out_of_time
         with clock.paused():
             if state.step % run.log_every == 0 or last:
                 seconds = clock.seconds - window["seconds"]
@@ -452,7 +457,8 @@ def train(task: TrainingTask, accelerator: Accelerator | None = None) -> dict[st
         "train_tokens_per_second": (trained["tokens"] / seconds if state.step > run_start["step"] else 0.0)
         if task.counts_tokens else None,
         "skipped_images": state.num_skipped + task.num_skipped,
-    } | selection.summary(run.max_steps) | {"history": state.history}
+        "max_steps": budget.max_steps,
+    } | selection.summary(budget.max_steps) | {"history": state.history}
     full = full_weights_model(accelerator, model, task)
     if accelerator.is_main_process:
         if selection.export_step != state.step:

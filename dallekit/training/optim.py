@@ -27,10 +27,14 @@ def create_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.Ad
     )
 
 
-def create_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup, then cosine decay to `min_lr_ratio * learning_rate` (or constant)."""
+def create_lr_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainingConfig, last_epoch: int = -1
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then cosine decay to `min_lr_ratio * learning_rate` at `max_steps` (or constant).
+
+    `last_epoch`: the last step taken, for a schedule created mid-run (`dallekit.training.budget`)."""
     if config.lr_schedule == "constant":
-        return get_constant_schedule_with_warmup(optimizer, config.warmup_steps)
+        return get_constant_schedule_with_warmup(optimizer, config.warmup_steps, last_epoch=last_epoch)
     return get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_ratio
+        optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_ratio, last_epoch=last_epoch
     )
