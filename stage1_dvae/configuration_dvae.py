@@ -13,8 +13,11 @@ class DVAEConfig(PreTrainedConfig):
     """Architecture and loss constants of a `DVAEModel`.
 
     Images of `image_size`² pixels become a grid of (image_size / downsample_factor)² codes out of
-    `codebook_size` (for `quantizer: fsq`, prod(fsq_levels), set from the levels). The encoder has one level per entry of `channel_multipliers`, each level
-    halving the resolution except the last, so `len(channel_multipliers) == log2(downsample_factor) + 1`.
+    `codebook_size` (for `quantizer: fsq`, prod(fsq_levels), set from the levels). With `patch_size` p > 1 the
+    encoder first folds each p×p pixel patch into channels (pixel unshuffle) and the decoder unfolds its output
+    (pixel shuffle), so no convolution runs at full resolution. The encoder has one level per entry of
+    `channel_multipliers`, each level halving the resolution except the last, so
+    `len(channel_multipliers) == log2(downsample_factor / patch_size) + 1`.
     """
 
     model_type = "dallekit_dvae"
@@ -23,6 +26,7 @@ class DVAEConfig(PreTrainedConfig):
     image_size: int = 32
     num_channels: int = 3
     downsample_factor: int = 4
+    patch_size: int = 1  # pixels folded into channels before the first convolution (1: none)
     hidden_channels: int = 64
     channel_multipliers: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 2])
     num_res_blocks: int = 1
@@ -63,11 +67,14 @@ class DVAEConfig(PreTrainedConfig):
         f = self.downsample_factor
         if f < 1 or f & (f - 1):
             raise ValueError(f"downsample_factor must be a power of two (1, 2, 4, 8, ...), got {f}")
-        levels = int(math.log2(f)) + 1
+        p = self.patch_size
+        if p < 1 or p & (p - 1) or p > f:
+            raise ValueError(f"patch_size must be a power of two no larger than downsample_factor {f}, got {p}")
+        levels = int(math.log2(f // p)) + 1
         if len(self.channel_multipliers) != levels:
             raise ValueError(
-                f"channel_multipliers needs log2(downsample_factor) + 1 = {levels} entries for "
-                f"downsample_factor {f}, got {list(self.channel_multipliers)}"
+                f"channel_multipliers needs log2(downsample_factor / patch_size) + 1 = {levels} entries for "
+                f"downsample_factor {f} and patch_size {p}, got {list(self.channel_multipliers)}"
             )
         if self.image_size <= 0 or self.image_size % f:
             raise ValueError(f"image_size must be a positive multiple of downsample_factor {f}, got {self.image_size}")

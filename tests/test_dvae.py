@@ -88,6 +88,26 @@ def test_encode_decode_shapes_and_dtypes(quantizer: str, image_size: int, factor
     assert torch.equal(model(pixels).codes, codes)
 
 
+@pytest.mark.parametrize("reconstruction_loss", ["mse", "logit_laplace"])
+def test_patch_size_runs_no_convolution_at_full_resolution(reconstruction_loss: str) -> None:
+    """`patch_size` 2 folds 2x2 pixels into channels: every convolution sees at most half the image side, and
+    the decoder unfolds its output (both output channels of logit-Laplace) back to full-size pixels."""
+    config = tiny_dvae_config("vq", image_size=32, downsample_factor=8, patch_size=2, channel_multipliers=[1, 2, 2],
+                              reconstruction_loss=reconstruction_loss)
+    model = DVAEModel(config).eval()
+    sides = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(lambda _, inputs, __: sides.append(inputs[0].shape[-1]))
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    codes = model.encode(pixels)
+    assert codes.shape == (2, 4, 4) and max(sides) == 16
+    sides.clear()
+    images = model.decode(codes)
+    assert images.shape == pixels.shape and max(sides) == 16
+    assert model(pixels).reconstruction.shape == pixels.shape
+
+
 def test_logit_laplace_decoder_outputs_pixels_in_range(digit_pixels: torch.Tensor) -> None:
     model = DVAEModel(tiny_dvae_config("gumbel", reconstruction_loss="logit_laplace"))
     output = model(digit_pixels[:4])
@@ -293,6 +313,9 @@ def test_loading_incomplete_or_mismatched_directories_fails_clearly(tmp_path, di
         ({"downsample_factor": 3}, "power of two"),
         ({"image_size": 18, "downsample_factor": 4}, "multiple of downsample_factor"),
         ({"downsample_factor": 8}, "channel_multipliers needs"),
+        ({"patch_size": 3}, "patch_size must be a power of two"),
+        ({"downsample_factor": 4, "patch_size": 8}, "no larger than downsample_factor 4"),
+        ({"downsample_factor": 8, "patch_size": 2, "channel_multipliers": [1, 2, 2, 4]}, r"log2\(downsample_factor / patch"),
         ({"quantizer": "kmeans"}, "gumbel"),
         ({"codebook_size": "many"}, "codebook_size"),
     ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from accelerate.utils import DataLoaderConfiguration
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from dallekit.training.budget import CALIBRATION_STEPS
+from dallekit.training.budget import CALIBRATION_STEPS, REPLAN_STEPS, BudgetFit
 from dallekit.training.checkpointing import TrainState, list_checkpoints, resolve_checkpoint
 from dallekit.training.config import ConfigError, TrainingConfig, load_config
 from dallekit.training.data import iterate_batches, resume_position
@@ -410,35 +411,63 @@ def test_a_time_budget_stops_training_and_exports(tmp_path: Path) -> None:
 
 
 def test_a_time_budget_too_short_for_max_steps_shortens_the_schedule(tmp_path: Path) -> None:
-    """`training.max_train_seconds` that holds fewer than `max_steps`: timed over the first steps, the run plans
-    fewer steps and its learning rate follows the cosine of a run started with that many (ending at the minimum);
-    a resumed run keeps the plan."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-    warmup = CALIBRATION_STEPS + 5  # the plan is made during the warmup, which does not depend on the length
+    """`training.max_train_seconds` that holds fewer than `max_steps`: the run plans fewer steps; its learning
+    rate warms up as configured, then only decays (re-plans go on from where the cosine is) and reaches the
+    minimum on the last planned step; a resumed run keeps the plan."""
+    warmup = CALIBRATION_STEPS + 5  # the first plan is made during the warmup, which does not depend on the length
     overrides = ["--max_steps", "100000", "--max_train_seconds", "10", "--warmup_steps", str(warmup), "--log_every", "1",
                  "--eval_every", "100000", "--image_every", "100000", "--checkpointing_steps", "100000",
                  "--report_to", "tensorboard", "--quantizer", "vq"]
     config = tiny_config(tmp_path, *overrides)
     metrics = train(config)
-    planned = metrics["max_steps"]
+    planned, peak = metrics["max_steps"], config.training.learning_rate
     assert warmup < planned < 100000 and metrics["step"] <= planned
     logged = logged_scalars(tmp_path, "train/lr")
-    reference = get_cosine_with_min_lr_schedule_with_warmup(
-        torch.optim.SGD([torch.zeros(1)], lr=config.training.learning_rate), warmup, planned,
-        min_lr_rate=config.training.min_lr_ratio)
-    expected = {}
-    for step in range(1, metrics["step"] + 1):
-        reference.optimizer.step()
-        reference.step()
-        expected[step] = reference.get_last_lr()[0]
-    assert logged.keys() == expected.keys()
-    assert all(logged[step] == pytest.approx(expected[step], rel=1e-5) for step in expected)
-    if metrics["step"] == planned:  # not stopped by the budget itself (a slower step late in the run)
-        assert logged[planned] == pytest.approx(config.training.learning_rate * config.training.min_lr_ratio)
+    assert list(logged) == list(range(1, metrics["step"] + 1))
+    assert all(logged[step] == pytest.approx(peak * min(step, warmup) / warmup, rel=1e-5) for step in range(1, warmup + 1))
+    decay = [logged[step] for step in range(warmup, metrics["step"] + 1)]
+    assert all(later <= earlier * (1 + 1e-6) for earlier, later in zip(decay, decay[1:]))
+    if metrics["step"] == planned:  # not stopped by the budget itself (slower steps at the very end)
+        assert logged[planned] == pytest.approx(peak * config.training.min_lr_ratio)
 
     resumed = train(tiny_config(tmp_path, *overrides, "--resume_from_checkpoint", "latest"))
     assert resumed["max_steps"] == planned
+
+
+def test_a_budget_replans_from_all_timed_steps_without_a_jump_in_the_learning_rate() -> None:
+    """`BudgetFit` on a synthetic clock: steps of 0.1 s for the calibration give the first plan, exactly the
+    cosine of a run started with that length; when later steps take 0.2 s the next plans shorten the run, the
+    learning rate goes on from where it was, and it still reaches the minimum on the last planned step."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    from dallekit.training.optim import create_lr_scheduler
+
+    run = TrainingConfig(max_steps=10_000, max_train_seconds=100.0, warmup_steps=50, learning_rate=1.0, min_lr_ratio=0.1)
+    state = TrainState()
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=run.learning_rate)
+    scheduler = create_lr_scheduler(optimizer, run)
+    budget = BudgetFit(run, state, Accelerator(cpu=True))
+    seconds, rates, plans = 0.0, {}, []
+    while state.step < budget.max_steps:
+        optimizer.step()
+        scheduler.step()
+        state.step += 1
+        seconds += 0.1 if state.step <= 1 + CALIBRATION_STEPS else 0.2
+        if budget.observe(seconds, scheduler, optimizer, "test"):
+            plans.append((state.step, budget.max_steps))
+        rates[state.step] = scheduler.get_last_lr()[0]
+    calibrated, first_plan = plans[0]  # 100 s at 0.1 s/step: 1,000 steps (one fewer where rounding falls short)
+    assert calibrated == 1 + CALIBRATION_STEPS and first_plan in (999, 1000)
+    reference = get_cosine_with_min_lr_schedule_with_warmup(optimizer, run.warmup_steps, first_plan, min_lr_rate=0.1)
+    for step in range(1, 1 + CALIBRATION_STEPS + REPLAN_STEPS + 1):  # up to and including the second plan's step
+        assert rates[step] == pytest.approx(reference.lr_lambdas[0](step), rel=1e-6)
+    assert [step for step, _ in plans[1:]] == list(range(1 + CALIBRATION_STEPS + REPLAN_STEPS, state.step, REPLAN_STEPS))[:len(plans) - 1]
+    assert all(later < earlier for (_, earlier), (_, later) in zip(plans, plans[1:]))  # slower steps: shorter plans
+    assert abs(seconds - 100.0) < 2.0  # the last plan ends the run when the budget does
+    decay = [rates[step] for step in range(run.warmup_steps, state.step + 1)]
+    steps = [earlier - later for earlier, later in zip(decay, decay[1:])]
+    assert min(steps) >= 0 and max(steps) < 3 * math.pi / 2 * 0.9 / (state.step - run.warmup_steps)  # no jump
+    assert rates[state.step] == pytest.approx(run.min_lr_ratio)
 
 
 def test_a_compile_that_fails_warns_and_trains_eagerly(tmp_path: Path) -> None:

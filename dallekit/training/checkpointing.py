@@ -36,6 +36,7 @@ class TrainState:
     num_skipped: int = 0  # unreadable images dropped from training batches
     train_seconds: float = 0.0  # training time of the runs before the last resume
     planned_steps: int | None = None  # fewer than max_steps where training.max_train_seconds holds fewer (budget)
+    schedule_anchor: list[float] | None = None  # [step, cosine progress] a re-planned schedule goes on from (budget)
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # every validation: step, seconds, metrics
     # model selection (training.loop.ModelSelection): the best and the latest validation metric, and the wait since the best
     best_metric: float | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
@@ -27,14 +29,32 @@ def create_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.Ad
     )
 
 
+def decay_progress(step: int, config: TrainingConfig, anchor: tuple[int, float] | None = None) -> float:
+    """How far the cosine has decayed at `step`, from 0 (end of warmup) to 1 (`max_steps`). With `anchor`
+    (step₀, progress₀), a schedule re-planned mid-run: it goes on from progress₀ at step₀ and ends at `max_steps`."""
+    start, done = (config.warmup_steps, 0.0) if anchor is None else anchor
+    if step <= start:
+        return done
+    return min(1.0, done + (1.0 - done) * (step - start) / max(1, config.max_steps - start))
+
+
 def create_lr_scheduler(
-    optimizer: torch.optim.Optimizer, config: TrainingConfig, last_epoch: int = -1
+    optimizer: torch.optim.Optimizer, config: TrainingConfig, last_epoch: int = -1,
+    anchor: tuple[int, float] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup, then cosine decay to `min_lr_ratio * learning_rate` at `max_steps` (or constant).
 
-    `last_epoch`: the last step taken, for a schedule created mid-run (`dallekit.training.budget`)."""
+    `last_epoch`: the last step taken, and `anchor`: where a re-planned cosine goes on from (`decay_progress`),
+    for a schedule created mid-run (`dallekit.training.budget`)."""
     if config.lr_schedule == "constant":
         return get_constant_schedule_with_warmup(optimizer, config.warmup_steps, last_epoch=last_epoch)
-    return get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_ratio, last_epoch=last_epoch
-    )
+    if anchor is None:
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_ratio, last_epoch=last_epoch
+        )
+
+    def factor(step: int) -> float:  # the anchor lies after the warmup
+        cosine = 0.5 * (1.0 + math.cos(math.pi * decay_progress(step, config, anchor)))
+        return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=last_epoch)
