@@ -37,11 +37,14 @@ SUITES = {
         "targets": {"psnr": 36.0, "codebook_usage": 0.95, "train_seconds": 180.0, "wall_seconds": 240.0},
         "eval_every": 50,
     },
-    # the emoji at 64x64 (>= 26 dB at 16x16 codes with >= 90% of the codebook used, <= 10 min of training)
+    # the emoji at 64x64: >= 26 dB at 16x16 codes with >= 90% of the codebook used, <= 10 min of training;
+    # at 8x8 codes (the 64 px recipe, issue 32) >= 24 dB with >= 95% used in about 6 minutes
     "emoji": {
         "configs": {"vq": "emoji_vq.yaml", "gumbel": "emoji.yaml", "fsq": "emoji_fsq.yaml",
-                    "vq-8x8": "emoji_vq_8x8.yaml", "gumbel-8x8": "emoji_8x8.yaml"},
+                    "vq-8x8": "emoji_vq_8x8.yaml", "gumbel-8x8": "emoji_8x8.yaml", "fsq-8x8": "emoji_fsq_8x8.yaml"},
         "targets": {"psnr": 26.0, "codebook_usage": 0.90, "train_seconds": 600.0},
+        "config_targets": {name: {"psnr": 24.0, "codebook_usage": 0.95, "train_seconds": 360.0}
+                           for name in ("vq-8x8", "gumbel-8x8", "fsq-8x8")},
         "eval_every": 100,
     },
 }
@@ -108,7 +111,8 @@ def run_one(suite: str, name: str, overrides: list[str], curve_every: float, kee
         "curve": curve(metrics["history"], curve_every),
         "cpu": cpu_name(),
     }
-    targets = settings["targets"]
+    targets = settings.get("config_targets", {}).get(name, settings["targets"])
+    result["targets"] = targets
     result["meets_targets"] = (
         result["validation_psnr"] >= targets["psnr"]
         and result["validation_codebook_usage"] >= targets["codebook_usage"]

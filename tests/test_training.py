@@ -456,6 +456,8 @@ def test_a_budget_replans_from_all_timed_steps_without_a_jump_in_the_learning_ra
         if budget.observe(seconds, scheduler, optimizer, "test"):
             plans.append((state.step, budget.max_steps))
         rates[state.step] = scheduler.get_last_lr()[0]
+        if state.step % 50 == 0:  # a checkpoint, as the loop writes it: the training time so far, this run's included
+            state.train_seconds = seconds
     calibrated, first_plan = plans[0]  # 100 s at 0.1 s/step: 1,000 steps (one fewer where rounding falls short)
     assert calibrated == 1 + CALIBRATION_STEPS and first_plan in (999, 1000)
     reference = get_cosine_with_min_lr_schedule_with_warmup(optimizer, run.warmup_steps, first_plan, min_lr_rate=0.1)

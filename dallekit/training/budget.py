@@ -40,6 +40,7 @@ class BudgetFit:
     def __init__(self, run: TrainingConfig, state: TrainState, accelerator: Accelerator) -> None:
         self.run, self.state, self.accelerator = run, state, accelerator
         self.first_step = state.step + 1  # this run's first step, untimed
+        self.seconds_before = state.train_seconds  # spent by the runs this one resumes (checkpoints update the state's)
         self.timer_start: float | None = None  # training seconds at the end of the first step
 
     @property
@@ -73,7 +74,7 @@ class BudgetFit:
             return False
         per_step = torch.tensor([(seconds - self.timer_start) / timed], device=self.accelerator.device)
         per_step = float(broadcast(per_step, from_process=0))
-        left = budget - self.state.train_seconds - seconds
+        left = budget - self.seconds_before - seconds
         fits = min(self.run.max_steps, self.state.step + max(1, math.floor(left / per_step)))
         if fits == self.max_steps:
             if timed == CALIBRATION_STEPS and self.state.planned_steps is None:
@@ -90,5 +91,5 @@ class BudgetFit:
                    "the learning-rate schedule now ends at step %d")
         (logger.warning if first_plan else logger.info)(
             message, name, self.run.max_steps, per_step,
-            self.state.train_seconds + seconds + (self.run.max_steps - self.state.step) * per_step, budget, fits, fits)
+            self.seconds_before + seconds + (self.run.max_steps - self.state.step) * per_step, budget, fits, fits)
         return True
