@@ -48,7 +48,7 @@ class ScheduleConfig:
 
     temperature_start: float = 1.0
     temperature_end: float = 1 / 16
-    temperature_anneal_steps: int | None = None  # None: anneal over the whole run
+    temperature_anneal_steps: int | None = None  # None: over the whole run (the steps a time budget plans)
     kl_warmup_steps: int = 500
 
     def __post_init__(self) -> None:
@@ -106,9 +106,9 @@ class Stage1Config:
             raise ValueError(PRIOR_ONLY_GRADIENT_CHECKPOINTING)
 
 
-def _temperature_and_kl_weight(config: Stage1Config, step: int) -> tuple[float, float]:
+def _temperature_and_kl_weight(config: Stage1Config, step: int, planned_steps: int) -> tuple[float, float]:
     schedule = config.schedule
-    anneal_steps = schedule.temperature_anneal_steps or config.training.max_steps
+    anneal_steps = schedule.temperature_anneal_steps or planned_steps
     temperature = cosine_anneal(step, schedule.temperature_start, schedule.temperature_end, anneal_steps)
     return temperature, linear_warmup(step, config.model.kl_weight, schedule.kl_warmup_steps)
 
@@ -166,7 +166,7 @@ class Stage1Task(TrainingTask[Stage1Config]):
 
     def training_step(self, model: torch.nn.Module, batch: dict[str, Any], step: int, micro_batch: int) -> StepOutput:
         pixel_values = batch["pixel_values"]
-        temperature, kl_weight = _temperature_and_kl_weight(self.config, step)
+        temperature, kl_weight = _temperature_and_kl_weight(self.config, step, self.planned_steps)
         output = model(pixel_values, temperature=temperature, kl_weight=kl_weight)
         terms = {
             "reconstruction_loss": output.reconstruction_loss.detach(),
@@ -198,7 +198,7 @@ class Stage1Task(TrainingTask[Stage1Config]):
         output.terms["disc_loss"] = disc_loss.detach()
 
     def log_values(self, step: int) -> dict[str, float]:
-        temperature, kl_weight = _temperature_and_kl_weight(self.config, max(step - 1, 0))
+        temperature, kl_weight = _temperature_and_kl_weight(self.config, max(step - 1, 0), self.planned_steps)
         return {"temperature": temperature, "kl_weight": kl_weight}
 
     def validate(self, model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:

@@ -434,6 +434,22 @@ def test_a_time_budget_too_short_for_max_steps_shortens_the_schedule(tmp_path: P
     assert resumed["max_steps"] == planned
 
 
+def test_a_time_budget_anneals_the_gumbel_temperature_over_the_planned_steps(tmp_path: Path) -> None:
+    """The Gumbel temperature, annealed over the whole run, ends near `temperature_end` on the last planned step
+    of a run a time budget shortens (not at the unreached `max_steps`)."""
+    overrides = ["--max_steps", "100000", "--max_train_seconds", "10", "--log_every", "1", "--eval_every", "100000",
+                 "--image_every", "100000", "--checkpointing_steps", "100000", "--report_to", "tensorboard"]
+    config = tiny_config(tmp_path, *overrides)
+    metrics = train(config)
+    planned = metrics["max_steps"]
+    assert planned < 100000
+    temperature = logged_scalars(tmp_path, "train/temperature")
+    start, end = config.schedule.temperature_start, config.schedule.temperature_end
+    assert temperature[1] == pytest.approx(start)
+    if metrics["step"] == planned:  # logged at the step before: within one step of the end of the cosine
+        assert temperature[planned] == pytest.approx(end, abs=(start - end) * 20 / planned**2)
+
+
 def test_a_budget_replans_from_all_timed_steps_without_a_jump_in_the_learning_rate() -> None:
     """`BudgetFit` on a synthetic clock: steps of 0.1 s for the calibration give the first plan, exactly the
     cosine of a run started with that length; when later steps take 0.2 s the next plans shorten the run, the

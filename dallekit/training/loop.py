@@ -89,6 +89,9 @@ class TrainingTask(ABC, Generic[ConfigT]):
     def __init__(self, config: ConfigT) -> None:
         self.config = config
         self.num_skipped = 0  # unreadable images dropped before training (pre-tokenization, decoding)
+        # the run's length: training.max_steps, or fewer where training.max_train_seconds holds fewer (set by
+        # the loop; the schedules of a task's own, e.g. the Gumbel temperature, end with it)
+        self.planned_steps = config.training.max_steps
 
     @property
     def run(self) -> TrainingConfig:
@@ -341,6 +344,7 @@ def train(task: TrainingTask, accelerator: Accelerator | None = None) -> dict[st
         checkpoints.load(resume_path)
     budget = BudgetFit(run, state, accelerator)  # max_steps, or fewer where training.max_train_seconds holds fewer
     budget.apply(lr_scheduler, optimizer)
+    task.planned_steps = budget.max_steps
     if run.report_to != "none":
         accelerator.init_trackers(task.name.replace(" ", "_"), config=flat_hparams(task.config))
 
@@ -393,7 +397,7 @@ def train(task: TrainingTask, accelerator: Accelerator | None = None) -> dict[st
         state.step += 1
         progress.update(1)
         if budget.observe(clock.seconds, lr_scheduler, optimizer, task.name):
-            progress.total = budget.max_steps
+            progress.total = task.planned_steps = budget.max_steps
         out_of_time = run.max_train_seconds is not None and seconds_before + clock.seconds >= run.max_train_seconds
         if out_of_time:
             logger.info("%s: stopping at step %d: training.max_train_seconds (%g s) spent", task.name, state.step,
