@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
 from dallekit.training.config import TrainingConfig
+from dallekit.training.schedules import cosine_anneal
 
 
 def create_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
@@ -53,8 +52,7 @@ def create_lr_scheduler(
             optimizer, config.warmup_steps, config.max_steps, min_lr_rate=config.min_lr_ratio, last_epoch=last_epoch
         )
 
-    def factor(step: int) -> float:  # the anchor lies after the warmup
-        cosine = 0.5 * (1.0 + math.cos(math.pi * decay_progress(step, config, anchor)))
-        return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+    def factor(step: int) -> float:  # the anchor lies after the warmup; progress 0 -> 1 over one "step" of the cosine
+        return cosine_anneal(decay_progress(step, config, anchor), 1.0, config.min_lr_ratio, 1)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=last_epoch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 
-def cosine_anneal(step: int, start: float, end: float, steps: int) -> float:
+def cosine_anneal(step: float, start: float, end: float, steps: int) -> float:
     """`start` at step 0, `end` at `steps` and after, following half a cosine."""
     if steps <= 0 or step >= steps:
         return end
