@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 
@@ -40,6 +41,8 @@ from stage1_dvae.adversarial import AdversarialLoss, PatchDiscriminator
 from stage1_dvae.configuration_dvae import DVAEConfig
 from stage1_dvae.metrics import reconstruction_metrics
 from stage1_dvae.modeling_dvae import DVAEModel
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -106,6 +109,23 @@ class Stage1Config:
             raise ValueError(PRIOR_ONLY_GRADIENT_CHECKPOINTING)
 
 
+def dead_code_warning(model: DVAEConfig, images_per_step: int) -> str | None:
+    """A warning when the VQ-VAE's `dead_code_threshold` restarts codes in use: the threshold counts a code's uses
+    per step (an EMA), and above half the average uses per step (`images_per_step` x positions / codes), codes
+    that are merely less frequent than average keep being restarted (measured: a third of the codebook unused)."""
+    if model.quantizer != "vq" or not model.dead_code_threshold:
+        return None
+    average_uses = images_per_step * model.latent_size**2 / model.codebook_size
+    if model.dead_code_threshold <= average_uses / 2:
+        return None
+    return (
+        f"model.dead_code_threshold {model.dead_code_threshold:g} is above half the average uses of a code per step "
+        f"({images_per_step} images x {model.latent_size**2} positions / {model.codebook_size} codes = "
+        f"{average_uses:g}): codes in use will keep being restarted; set it to {average_uses / 4:g} or raise "
+        "training.batch_size"
+    )
+
+
 def _temperature_and_kl_weight(config: Stage1Config, step: int, planned_steps: int) -> tuple[float, float]:
     schedule = config.schedule
     anneal_steps = schedule.temperature_anneal_steps or planned_steps
@@ -130,6 +150,9 @@ class Stage1Task(TrainingTask[Stage1Config]):
                 "adversarial.enabled is not supported under FSDP: train the tokenizer with DDP "
                 "(configs/accelerate/multi_gpu.yaml; it is small enough for every process to hold it whole)"
             )
+        warning = dead_code_warning(self.config.model, self.run.batch_size * accelerator.num_processes)
+        if warning:
+            logger.warning(warning)
         self.splits = load_text_image_dataset(self.config.data)
         self.collator = TextImageCollator(self.config.data.image_size)
         grid_loader = DataLoader(self.splits["validation"], batch_size=self.config.num_grid_images,

@@ -8,14 +8,16 @@ import shutil
 
 import pytest
 import torch
+from einops import rearrange
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 from stage1_dvae import DVAEConfig, DVAEModel
 from stage1_dvae.metrics import psnr_from_mse
-from stage1_dvae.quantizers import FiniteScalarQuantizer
+from stage1_dvae.quantizers import FiniteScalarQuantizer, VectorQuantizer
 from stage1_dvae.quantizers.base import marginal_kl_to_uniform
 from stage1_dvae.quantizers.gumbel import kl_to_uniform
+from stage1_dvae.train import dead_code_warning
 from tests.conftest import tiny_dvae_config
 
 
@@ -341,3 +343,28 @@ def test_vq_with_a_low_dimensional_lookup_trains_under_bf16_autocast() -> None:
         output = model(torch.rand(4, 3, 16, 16) * 2 - 1)
     output.loss.backward()
     assert model.quantizer.codebook.dtype == torch.float32 and torch.isfinite(model.quantizer.codebook).all()
+
+
+@pytest.mark.parametrize("dead_code_threshold", [1.0, 0.25])
+def test_a_dead_code_threshold_above_half_the_uses_per_step_restarts_codes_in_use(dead_code_threshold: float) -> None:
+    """The 64 px recipe's numbers: 8 images x 64 positions per step for 1,024 codes (half a use per code and step).
+    Every code sits on one of 1,024 equally frequent clusters; at threshold 1.0 the restarts pile codes onto the
+    clusters of the current batch (the warning says so), at 0.25 (the recipe's) every cluster keeps its code."""
+    config = DVAEConfig(quantizer="vq", image_size=64, downsample_factor=8, patch_size=4, channel_multipliers=[1, 2],
+                        codebook_size=1024, embedding_dim=8, dead_code_threshold=dead_code_threshold)
+    warning = dead_code_warning(config, images_per_step=8)
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(1024, 8, generator=generator) * 10
+    quantizer = VectorQuantizer(1024, 8, dead_code_threshold=dead_code_threshold, kmeans_init=False).train()
+    quantizer.codebook.copy_(centres)
+    quantizer.ema_embedding_sum.copy_(centres)
+    for _ in range(100):
+        vectors = centres[torch.randint(0, 1024, (512,), generator=generator)]
+        quantizer(rearrange(vectors, "(b h w) d -> b d h w", b=8, h=8, w=8))
+    clusters_kept = int((torch.cdist(centres, quantizer.codebook).min(dim=1).values < 0.5).sum())  # clusters 40 apart
+    if dead_code_threshold == 1.0:
+        assert clusters_kept < 700
+        assert warning and "model.dead_code_threshold 1" in warning and "set it to 0.125" in warning
+    else:
+        assert clusters_kept == 1024
+        assert warning is None
