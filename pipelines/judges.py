@@ -76,7 +76,8 @@ def load_or_train_judge(
     Trained by the scorer's recipe on the one loop (`dallekit.scorer.train`; under `accelerate launch`
     every process takes part) with `config` (default: `configs/scorer/<dataset>.yaml` of a built-in
     where there is one, else `ScorerTrainConfig()`, the digits recipe) on `dataset` (a built-in name,
-    folder or Hub id, or a whole `DataConfig`), `image_size` and `training.seed = seed`, under the
+    folder or Hub id, or a whole `DataConfig`), `image_size` and `training.seed = seed`, all of its
+    `max_steps` whatever the recipe's time budget (a judge is the same model on every machine), under the
     precision of the process's accelerator where one exists, without touching the global random state.
     The cache holds `{dataset}-{image_size}px-seed{seed}-{key}/` (model, tokenizer, `info.json` with
     the settings and the validation retrieval); `key` hashes the splits' fingerprints and the settings.
@@ -95,8 +96,8 @@ def load_or_train_judge(
         data=dataclasses.replace(data, image_size=image_size),
         model=levels_for_image_size(config.model, image_size),
         training=dataclasses.replace(
-            run, seed=seed, mixed_precision=mixed_precision, output_dir="", report_to="none", progress=False,
-            push_to_hub=False, resume_from_checkpoint=None, checkpointing_steps=run.max_steps,
+            run, seed=seed, max_train_seconds=None, mixed_precision=mixed_precision, output_dir="", report_to="none",
+            progress=False, push_to_hub=False, resume_from_checkpoint=None, checkpointing_steps=run.max_steps,
             checkpoints_total_limit=1,
         ),
     )

@@ -187,6 +187,9 @@ def test_evaluation_scorer_is_cached_and_leaves_the_random_state_alone(
 
     monkeypatch.setattr(pipelines.judges, "train", no_training)
     again = load_or_train_judge("digits", 16, config=tiny_config(scorers_dir), cache_dir=scorers_dir)
+    # a recipe's time budget (the reranking scorer's) is not the judge's: the same judge, from the cache
+    load_or_train_judge("digits", 16, config=tiny_config(scorers_dir, "--max_train_seconds", "0.001"),
+                        cache_dir=scorers_dir)
     pixels = torch.rand(4, 3, 16, 16) * 2 - 1
     assert torch.equal(again.image_features(pixels), scorer.image_features(pixels))
     with pytest.raises(AssertionError, match="retrained"):  # another seed is another scorer
