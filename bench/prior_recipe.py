@@ -7,8 +7,8 @@
 Trains the stage-2 prior of `--config` (default: the emoji recipe, `dallekit train`'s at 64 px) on the
 codes of `--stage1-model` (a trained 64px tokenizer, e.g. `outputs/demo/stage1/model` after `dallekit
 demo --dataset emoji`) once per variant, each within the recipe's `training.max_train_seconds` (a
-variant may change it), then judges the exported prior with the evaluation scorer on the held-out captions at guidance 3.
-Prints one JSON object per variant: steps trained, validation loss (text and image parts), tokens/s,
+variant may change it), then judges the exported prior with the evaluation scorer on the held-out
+captions at guidance 3. Prints one JSON object per variant: steps trained, validation loss (text and image parts), tokens/s,
 R-precision, CLIPScore, exact- and near-copy rates, and the machine. The variants' figures are
 comparable with each other only from one run on a machine nothing else uses (the budget decides
 the steps). The codes are encoded once, into the first variant's directory, and shared.
