@@ -247,6 +247,16 @@ def test_streamed_image_folder_leaves_corrupt_files_to_the_collator(tmp_path):
     assert batch["num_skipped"] == len(BAD_FILES)
     assert batch["pixel_values"].shape == (len(GOOD_FILES), 3, 8, 8)
 
+    # the held-out files are the same wherever the folder is stored (a file's name is hashed, not its path)
+    moved = tmp_path / "elsewhere" / "copy"
+    moved.parent.mkdir()
+    write_image_folder(moved, "jsonl")
+    moved_splits = load_text_image_dataset(DataConfig(source=str(moved), image_size=8, streaming=True,
+                                                      validation_fraction=0.5))
+    held_out = sorted(example["text"] for example in splits["validation"])
+    assert 0 < len(held_out) < len(examples)
+    assert sorted(example["text"] for example in moved_splits["validation"]) == held_out
+
 
 def test_missing_local_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a built-in dataset"):

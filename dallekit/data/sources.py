@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import posixpath
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -387,15 +388,16 @@ def _carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, 
     """Split `train` into (train, validation) holding out `fraction` of it, reproducibly.
 
     A map-style dataset is shuffled with `seed` and split exactly; a stream, whose length is
-    unknown, is split by a seeded hash of each image, so the held-out share is approximate and
-    identical images always land on the same side.
+    unknown, is split by a seeded hash of each image (its bytes, or the name of the file it is
+    read from, never the folder it sits in), so the held-out share is approximate and the same
+    data gives the same split wherever it is stored.
     """
     if isinstance(train, datasets.Dataset):
         parts = train.train_test_split(test_size=fraction, seed=seed)
         return parts["train"], parts["test"]
 
     def held_out(image: dict) -> bool:
-        data = image["bytes"] or image["path"].encode()
+        data = image["bytes"] or posixpath.basename(image["path"].replace("\\", "/")).encode()
         digest = hashlib.blake2b(f"{seed}:".encode() + data, digest_size=8).digest()
         return int.from_bytes(digest, "little") / 2**64 < fraction
 
