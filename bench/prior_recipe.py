@@ -46,6 +46,9 @@ VARIANTS = {
     "lr2e-3": ["--training.learning_rate", "2e-3"],
     "hidden192": ["--model.hidden_size", "192", "--model.intermediate_size", "512"],
     "budget_x2": ["--training.max_train_seconds", "1080"],
+    "no_augmentation": ["--augmentation.copies", "0"],
+    "augmentation_x8": ["--augmentation.copies", "8"],
+    "image_loss_only": ["--model.text_loss_weight", "0"],
 }
 GUIDANCE = 3.0
 

@@ -30,6 +30,9 @@ class DVAEConfig(PreTrainedConfig):
     hidden_channels: int = 64
     channel_multipliers: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 2])
     num_res_blocks: int = 1
+    # decoder upsampling: nearest-neighbour then a 3x3 conv at the new resolution, or a 3x3 conv at the old
+    # resolution to 4x the next level's channels, then pixel shuffle (sub-pixel conv: fewer operations)
+    upsample: Literal["nearest", "pixel_shuffle"] = "nearest"
     codebook_size: int = 512
     embedding_dim: int = 64
     quantizer: Literal["gumbel", "vq", "fsq"] = "gumbel"

@@ -69,8 +69,13 @@ class Decoder(nn.Module):
             for _ in range(config.num_res_blocks):
                 layers.append(ResidualBlock(previous, width))
                 previous = width
-            if level < len(widths) - 1:
+            if level == len(widths) - 1:
+                continue
+            if config.upsample == "nearest":
                 layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width, 3, padding=1)]
+            else:  # the next level's channels computed at this level's resolution, then unfolded 2x2
+                previous = widths[level + 1]
+                layers += [nn.Conv2d(width, 4 * previous, 3, padding=1), nn.PixelShuffle(2)]
         layers += [group_norm(previous), nn.SiLU()]
         self.layers = nn.Sequential(*layers)
         out_channels = decoder_output_channels(config.reconstruction_loss, config.num_channels)

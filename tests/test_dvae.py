@@ -110,6 +110,44 @@ def test_patch_size_runs_no_convolution_at_full_resolution(reconstruction_loss: 
     assert model(pixels).reconstruction.shape == pixels.shape
 
 
+def decoder_multiply_adds(model: DVAEModel, codes: torch.Tensor) -> int:
+    """Multiply-adds of the decoder's convolutions for decoding `codes`, counted by forward hooks."""
+    counts = []
+
+    def count(module: torch.nn.Conv2d, _, output: torch.Tensor) -> None:
+        counts.append(output[0].numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1])
+
+    hooks = [module.register_forward_hook(count) for module in model.decoder.modules()
+             if isinstance(module, torch.nn.Conv2d)]
+    model.decode(codes)
+    for hook in hooks:
+        hook.remove()
+    return sum(counts)
+
+
+def test_pixel_shuffle_upsampling_decodes_with_fewer_operations_and_learns(digit_pixels: torch.Tensor) -> None:
+    """`upsample: pixel_shuffle` computes each level's next channels at the lower resolution and unfolds them
+    2x2: the same output shape as nearest-neighbour upsampling, fewer multiply-adds, and it trains."""
+    codes = torch.randint(0, 64, (2, 4, 4))
+    costs = {}
+    for upsample in ("nearest", "pixel_shuffle"):
+        model = DVAEModel(tiny_dvae_config("vq", image_size=16, downsample_factor=4, channel_multipliers=[1, 2, 2],
+                                           upsample=upsample)).eval()
+        assert model.decode(codes).shape == (2, 3, 16, 16)
+        costs[upsample] = decoder_multiply_adds(model, codes)
+    assert costs["pixel_shuffle"] < 0.8 * costs["nearest"], costs
+
+    pixels = digit_pixels[:8]
+    model = DVAEModel(tiny_dvae_config("vq", upsample="pixel_shuffle"))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    initial_psnr = reconstruction_psnr(model, pixels)
+    for _ in range(80):
+        model(pixels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert reconstruction_psnr(model, pixels) > initial_psnr + 8.0
+
+
 def test_logit_laplace_decoder_outputs_pixels_in_range(digit_pixels: torch.Tensor) -> None:
     model = DVAEModel(tiny_dvae_config("gumbel", reconstruction_loss="logit_laplace"))
     output = model(digit_pixels[:4])
