@@ -8,11 +8,11 @@ Trains the stage-2 prior of `--config` (default: the emoji recipe, `dallekit tra
 codes of `--stage1-model` (a trained 64px tokenizer, e.g. `outputs/demo/stage1/model` after `dallekit
 demo --dataset emoji`) once per variant, each within the recipe's `training.max_train_seconds` (a
 variant may change it), then judges the exported prior with the evaluation scorer on the held-out
-captions at each `--guidance-scales` (default 3). Prints one JSON object per variant: steps trained, validation loss
-(text and image parts), tokens/s, and per guidance scale R-precision, CLIPScore, exact- and near-copy rates; the
-machine. The variants' figures are
-comparable with each other only from one run on a machine nothing else uses (the budget decides
-the steps). The codes are encoded once, into the first variant's directory, and shared.
+captions at each of `--guidance-scales` (default 3). Prints one JSON object per variant: steps trained,
+validation loss (text and image parts), tokens/s, per guidance scale R-precision, CLIPScore, exact- and
+near-copy rates, and the machine. The variants' figures are comparable with each other only from one run
+on a machine nothing else uses (the budget decides the steps). The codes are encoded once, into the first
+variant's directory, and shared.
 """
 
 from __future__ import annotations
