@@ -79,6 +79,7 @@ class GenerationRequest:
     seed: int = 0
     guidance_scale: float = 3.0
     negative_prompt: str | None = None
+    guidance_plausibility: float = 0.1
     temperature: float = 1.0
     top_k: int | None = None
     num_candidates: int | None = None
@@ -102,6 +103,10 @@ class GenerationRequest:
         if not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
             raise RequestError("guidance_scale", f"the guidance scale must be a number >= 0 (1: no guidance, 3: the "
                                                  f"usual), got {self.guidance_scale}")
+        if not 0 <= self.guidance_plausibility < 1:
+            raise RequestError("guidance_plausibility", "the guidance plausibility must be a number in [0, 1) (0: "
+                                                        "plain guidance, 0.1: the usual), got "
+                                                        f"{self.guidance_plausibility}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise RequestError("temperature", f"the temperature must be a number > 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -114,7 +119,8 @@ class GenerationRequest:
 
     def batch_key(self) -> tuple:
         """The settings that requests drawn in one pipeline call share."""
-        return self.num_images, self.sequences, self.guidance_scale, self.temperature, self.top_k
+        return (self.num_images, self.sequences, self.guidance_scale, self.guidance_plausibility, self.temperature,
+                self.top_k)
 
 
 @dataclass
@@ -256,7 +262,8 @@ class RequestBatcher:
         output = self.pipe(
             [request.prompt for request in requests], num_images_per_prompt=first.num_images,
             guidance_scale=first.guidance_scale, negative_prompt=negatives if any(negatives) else None,
-            temperature=first.temperature, top_k=first.top_k, num_candidates=first.num_candidates,
+            guidance_plausibility=first.guidance_plausibility, temperature=first.temperature, top_k=first.top_k,
+            num_candidates=first.num_candidates,
             generator=[torch.Generator(device=self.pipe.device).manual_seed(request.seed) for request in requests],
             progress=False, compile=self.compile, decoding=self.decoding,
         )

@@ -4,12 +4,13 @@
     dallekit train --data DIR_OR_HUB_ID [--image-size 64] [--output-dir outputs/train] [--caption-languages en es]
                    [--init-from PIPELINE [--lora-rank 8] [--finetune-image-tokenizer]]
     dallekit generate --model DIR_OR_HUB_ID --prompt "..." [--prompt ...] [--num-images 8] [--candidates N]
-                      [--guidance-scale 3] [--negative-prompt "..."] [--top-k K] [--temperature T] [--seed 0]
-                      [--[no-]compile] --out samples.png
+                      [--guidance-scale 3] [--guidance-plausibility 0.1] [--negative-prompt "..."] [--top-k K]
+                      [--temperature T] [--seed 0] [--[no-]compile] --out samples.png
     dallekit edit --model DIR_OR_HUB_ID --image in.png (--mask mask.png | --strength S [--variation rows|random])
                   [--prompt "..."] [--negative-prompt "..."] [--num-images 4] [--candidates N] [--paste-back]
                   --out edits.png
-    dallekit evaluate --model DIR_OR_HUB_ID [--dataset digits] [--guidance-scales 1 3 5] [--max-prompts N]
+    dallekit evaluate --model DIR_OR_HUB_ID [--dataset digits] [--guidance-scales 1 3 5] [--guidance-plausibility 0.1]
+                      [--max-prompts N]
     dallekit evaluate-tokenizer --model DIR_OR_HUB_ID [--dataset digits] [--subfolder vqvae]
     dallekit serve --model DIR_OR_HUB_ID [--host 127.0.0.1] [--port 7860] [--[no-]compile] [--max-batch-images 64]
                    [--max-queue 64] [--threads N]   (needs the `web` extra; the page, /v1/images/generations, /health)
@@ -49,6 +50,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def _plausibility(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1) (0: plain guidance), got {text!r}")
     return value
 
 
@@ -160,7 +171,8 @@ def _sampling_settings(args: argparse.Namespace, pipe) -> dict:
 
     return {"num_images_per_prompt": args.num_images, "num_candidates": args.candidates,
             "guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt,
-            "temperature": args.temperature, "top_k": args.top_k, "output_type": "pt",
+            "guidance_plausibility": args.guidance_plausibility, "temperature": args.temperature,
+            "top_k": args.top_k, "output_type": "pt",
             "generator": torch.Generator(device=pipe.device).manual_seed(args.seed), "compile": _compile_mode(args)}
 
 
@@ -242,7 +254,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     pipe = _load_pipeline(args.model)
     judge = load_or_train_judge(args.dataset, pipe.vqvae.config.image_size)
     metrics = evaluate_pipeline(pipe, dataset=args.dataset, guidance_scales=tuple(args.guidance_scales),
-                                seed=args.seed, max_prompts=args.max_prompts, scorer=judge)
+                                seed=args.seed, max_prompts=args.max_prompts, scorer=judge,
+                                pipe_kwargs={"guidance_plausibility": args.guidance_plausibility})
     print(json.dumps({"model": args.model, **metrics}, indent=2))
 
 
@@ -425,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="evaluate on this many validation captions (default: all)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(run=_evaluate)
+    for command in (generate, edit, evaluate):
+        command.add_argument("--guidance-plausibility", type=_plausibility, default=0.1,
+                             help="guidance reorders only the codes the prompted prior gives at least this share of "
+                                  "its likeliest code's probability; 0: plain guidance (default: 0.1)")
 
     tokenizer = commands.add_parser("evaluate-tokenizer", help="reconstruction metrics of a saved tokenizer as JSON")
     tokenizer.add_argument("--model", required=True, help="directory or Hub id of a saved DVAEModel")

@@ -5,7 +5,8 @@ dallekit server as they would to OpenAI's:
 - the body: `prompt`, `model` (the served model's name, or left out), `n` (1 to 10), `size` (the
   model's own, e.g. "64x64", or left out), `response_format` (`b64_json`, the default: this server
   keeps no files, so `url` is refused), `user` (accepted, unused); and dallekit's own extras:
-  `seed`, `guidance_scale`, `negative_prompt`, `num_candidates`, `temperature`, `top_k`;
+  `seed`, `guidance_scale`, `guidance_plausibility`, `negative_prompt`, `num_candidates`, `temperature`,
+  `top_k`;
 - the answer: `{"created": unix time, "data": [{"b64_json": PNG in base64}, ...]}`;
 - an error: `{"error": {"message", "type", "param", "code"}}` with status 400 (a bad body or
   setting), 404 (another model), 415 (not JSON), 503 (the queue is full: retry; OpenAI's client
@@ -62,6 +63,7 @@ class ImageGenerationBody(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="default: a random seed")
     guidance_scale: float = Field(3.0, ge=0, allow_inf_nan=False)
     negative_prompt: str | None = None
+    guidance_plausibility: float = Field(0.1, ge=0, lt=1, allow_inf_nan=False)
     num_candidates: int | None = Field(None, ge=1, le=MAX_CANDIDATES_PER_REQUEST)
     temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=1)
@@ -144,7 +146,8 @@ def images_router(batcher: RequestBatcher, model_name: str) -> APIRouter:
                 wanted = GenerationRequest(
                     prompt=body.prompt, num_images=body.n, seed=body.seed if body.seed is not None else
                     secrets.randbelow(MAX_SEED + 1), guidance_scale=body.guidance_scale,
-                    negative_prompt=body.negative_prompt, temperature=body.temperature, top_k=body.top_k,
+                    negative_prompt=body.negative_prompt, guidance_plausibility=body.guidance_plausibility,
+                    temperature=body.temperature, top_k=body.top_k,
                     num_candidates=body.num_candidates,
                 )
             except RequestError as error:

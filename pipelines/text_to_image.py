@@ -430,6 +430,7 @@ class TextToImagePipeline:
         num_images_per_prompt: int = 1,
         guidance_scale: float = 3.0,
         negative_prompt: str | list[str] | None = None,
+        guidance_plausibility: float = 0.1,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -452,6 +453,9 @@ class TextToImagePipeline:
 
         `negative_prompt` (one, or one per prompt) is what classifier-free guidance steers away from: the
         unconditional branch reads it instead of the empty caption (`guidance_scale` > 1 needed).
+        `guidance_plausibility` a: guidance only reorders the codes the prompted prior gives at least a times the
+        likeliest code's probability (0: plain guidance); it keeps a long-trained prior from being over-guided
+        (docs/sampling.md).
         Editing `image` (a PIL image of any size and mode, or a tensor [3, S, S] in [-1, 1]; edited for
         every prompt, which is then optional): `mask_image` (white: repaint) resamples the code cells the
         mask touches and forces the others in raster order (inpainting); `strength` s in [0, 1] resamples
@@ -527,7 +531,8 @@ class TextToImagePipeline:
             rows = len(text_ids[batch])
             batch_generator = row_generators[batch] if per_prompt_generators else generator
             batch_codes = self.prior.generate(
-                text_ids[batch], guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                text_ids[batch], guidance_scale=guidance_scale, guidance_plausibility=guidance_plausibility,
+                temperature=temperature, top_k=top_k, top_p=top_p,
                 generator=batch_generator, negative_text_ids=None if negative_ids is None else negative_ids[batch],
                 init_codes=None if edit is None else edit.codes.expand(rows, -1, -1),
                 keep_mask=None if edit is None else edit.kept.expand(rows, -1, -1),

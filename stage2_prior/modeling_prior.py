@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 import time
 import warnings
 from collections import Counter
@@ -64,9 +65,21 @@ from stage2_prior.speculative import DecodingStats, speculative_jacobi_codes
 logger = logging.getLogger(__name__)
 
 
-def classifier_free_guidance(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float) -> torch.Tensor:
-    """`uncond + scale * (cond - uncond)`: scale 1 is the conditional model, larger follows the prompt more."""
-    return unconditional + scale * (conditional - unconditional)
+def classifier_free_guidance(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float,
+                             plausibility: float = 0.0) -> torch.Tensor:
+    """`uncond + scale * (cond - uncond)`: scale 1 is the conditional model, larger follows the prompt more.
+
+    With `plausibility` a > 0 the codes whose conditional probability is below a times the likeliest code's get
+    -inf: guidance then reorders the codes the prompted model finds plausible instead of promoting ones it finds
+    unlikely, only less so than the unconditional branch does (the adaptive plausibility constraint of
+    contrastive decoding, Li et al. 2023). Logits and log-probabilities differ by one constant per row, so the
+    test runs on the logits.
+    """
+    guided = unconditional + scale * (conditional - unconditional)
+    if plausibility > 0:
+        implausible = conditional < conditional.amax(dim=-1, keepdim=True) + math.log(plausibility)
+        guided = guided.masked_fill(implausible, float("-inf"))
+    return guided
 
 
 def exponential_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -344,13 +357,13 @@ class PriorModel(PriorPreTrainedModel):
 
     def _sampling_step(
         self, input_ids: torch.Tensor, positions: torch.Tensor, decoding: _Decoding, noise: torch.Tensor | None,
-        guidance_scale: float, warpers: LogitsProcessorList,
+        guidance_scale: float, guidance_plausibility: float, warpers: LogitsProcessorList,
     ) -> torch.Tensor:
         """The next code [B, 1] after `input_ids` at `positions`: guidance, warpers, then the exponential race
         with `noise` (greedy without). Tensors in, tensors out: this is what `compile=True` traces."""
         logits = self._image_logits(input_ids, positions, decoding)
         if guidance_scale != 1.0:
-            logits = classifier_free_guidance(*logits.chunk(2), guidance_scale)
+            logits = classifier_free_guidance(*logits.chunk(2), guidance_scale, guidance_plausibility)
         if noise is None:
             return logits.argmax(dim=-1, keepdim=True)
         # The warpers in use (temperature, top-k, top-p) read only the scores, not the ids generated so far.
@@ -361,6 +374,7 @@ class PriorModel(PriorPreTrainedModel):
         self,
         text_ids: torch.Tensor,
         guidance_scale: float = 1.0,
+        guidance_plausibility: float = 0.1,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -381,6 +395,9 @@ class PriorModel(PriorPreTrainedModel):
 
         `guidance_scale` s mixes `uncond + s * (cond - uncond)` (1 disables guidance); the unconditional
         branch reads the empty caption, or `negative_text_ids` [B, text_len] (a negative prompt).
+        `guidance_plausibility` a in [0, 1) keeps guidance to the codes whose conditional probability is at least
+        a times the likeliest code's (`classifier_free_guidance`; 0: plain guidance): without it a prior trained
+        for long is over-guided at scale 3 (docs/sampling.md); no effect at scale 1.
         With `init_codes` [B, h, w], the codes where `keep_mask` [B, h, w] is True are kept (forced in
         raster order: the codes after them see them) and the others sampled; `init_rows=k` keeps the
         first k rows. Noise is drawn for every position up to the last sampled one, kept or not, so a
@@ -429,6 +446,9 @@ class PriorModel(PriorPreTrainedModel):
         num_prefix = int(sampled_anywhere.nonzero()[0]) if keep is not None else 0
         num_sampled_span = int(sampled_anywhere.nonzero()[-1]) + 1 if keep is not None else self.config.image_seq_len
         guided = guidance_scale != 1.0
+        if not 0 <= guidance_plausibility < 1:
+            raise ValueError(f"guidance_plausibility must be in [0, 1) (0: plain guidance, 0.1: the default), got "
+                             f"{guidance_plausibility!r}")
         if negative_text_ids is not None and negative_text_ids.shape != text_ids.shape:
             raise ValueError(f"negative_text_ids must have the shape of text_ids {list(text_ids.shape)}, "
                              f"got {list(negative_text_ids.shape)}")
@@ -446,10 +466,11 @@ class PriorModel(PriorPreTrainedModel):
         # What a compiled step's graph depends on: the weights (frozen into it) and these.
         fused = self._fused(dtype) if use_cache else None
         if jacobi:
-            image_ids, self.last_decoding_stats = self._jacobi_codes(input_ids, fused, guidance_scale, warpers,
-                                                                     generator, jacobi_window, progress)
+            image_ids, self.last_decoding_stats = self._jacobi_codes(
+                input_ids, fused, guidance_scale, guidance_plausibility, warpers, generator, jacobi_window, progress)
             return rearrange(image_ids, "b (h w) -> b h w", h=grid)
-        setting = (id(fused), len(input_ids), guidance_scale, temperature, top_k, top_p, do_sample, dtype)
+        setting = (id(fused), len(input_ids), guidance_scale, guidance_plausibility, temperature, top_k, top_p,
+                   do_sample, dtype)
         compiled = compile is True or (compile == "auto" and use_cache and self.auto_compile.wants_compiled(setting))
         one_token_step = self._sampling_step
         if compiled:
@@ -477,7 +498,8 @@ class PriorModel(PriorPreTrainedModel):
                 first = position - step_input.shape[1]
                 noise = draw_noise(noise_shape, generator, self.device) if do_sample else None
                 try:
-                    codes = step(step_input, all_positions[first:position], decoding, noise, guidance_scale, warpers)
+                    codes = step(step_input, all_positions[first:position], decoding, noise, guidance_scale,
+                                 guidance_plausibility, warpers)
                 except Exception as error:  # compile="auto" falls back to the eager step; compile=True fails
                     if compile != "auto" or step is self._sampling_step:
                         raise
@@ -486,7 +508,8 @@ class PriorModel(PriorPreTrainedModel):
                                   RuntimeWarning, stacklevel=2)
                     self.auto_compile.failed.add(setting)
                     one_token_step = step = self._sampling_step
-                    codes = step(step_input, all_positions[first:position], decoding, noise, guidance_scale, warpers)
+                    codes = step(step_input, all_positions[first:position], decoding, noise, guidance_scale,
+                                 guidance_plausibility, warpers)
                 if keep is not None:  # a kept code is forced: the codes after it see the image's own
                     index = position - self.image_start
                     codes = torch.where(keep[:, index : index + 1], forced[:, index : index + 1], codes)
@@ -511,8 +534,8 @@ class PriorModel(PriorPreTrainedModel):
         return rearrange(image_ids, "b (h w) -> b h w", h=grid)
 
     def _jacobi_codes(
-        self, input_ids: torch.Tensor, decoder: FusedDecoder, guidance_scale: float, warpers: LogitsProcessorList,
-        generator: Generators, window: int, progress: bool,
+        self, input_ids: torch.Tensor, decoder: FusedDecoder, guidance_scale: float, guidance_plausibility: float,
+        warpers: LogitsProcessorList, generator: Generators, window: int, progress: bool,
     ) -> tuple[torch.Tensor, DecodingStats]:
         """Image codes [B, image_seq_len] after the prompts `input_ids` (guided: conditional rows, then the
         unconditional ones) by speculative Jacobi decoding, drawing from the distributions `_sampling_step` draws
@@ -521,7 +544,7 @@ class PriorModel(PriorPreTrainedModel):
 
         def probabilities(logits: torch.Tensor) -> torch.Tensor:  # [rows, (T,) V] -> [B, (T,) V]
             if guided:
-                logits = classifier_free_guidance(*logits.chunk(2), guidance_scale)
+                logits = classifier_free_guidance(*logits.chunk(2), guidance_scale, guidance_plausibility)
             # The warpers in use (temperature, top-k, top-p) read only the scores, one distribution per row.
             return warpers(None, logits.reshape(-1, logits.shape[-1])).softmax(dim=-1).view_as(logits)
 

@@ -41,12 +41,13 @@ def captions(batch: int) -> torch.Tensor:
 def reference_codes(
     prior: PriorModel, text: torch.Tensor, guidance_scale: float = 1.0, generator: torch.Generator | None = None,
     warpers: LogitsProcessorList | None = None, init_codes: torch.Tensor | None = None, init_rows: int = 0,
-    keep_mask: torch.Tensor | None = None, negative: torch.Tensor | None = None,
+    keep_mask: torch.Tensor | None = None, negative: torch.Tensor | None = None, plausibility: float = 0.1,
 ) -> torch.Tensor:
     """Codes [B, h, w] by the plainest computation: every step runs the whole sequence through `forward` (no
     cache, full restricted vocabulary), the unconditional branch (the empty caption, or `negative`) as a second
-    forward; argmax without `generator`, else the warped distribution sampled with `torch.multinomial`; a code
-    where `keep_mask` is True is replaced by `init_codes`' after it is drawn."""
+    forward, guidance with `plausibility` (`generate`'s default); argmax without `generator`, else the warped
+    distribution sampled with `torch.multinomial`; a code where `keep_mask` is True is replaced by `init_codes`'
+    after it is drawn."""
     grid, text_vocab = prior.config.image_grid_size, prior.config.text_vocab_size
     codes = init_codes[:, :init_rows].flatten(1) if init_rows else text.new_zeros(len(text), 0)
     unconditional_text = negative if negative is not None else prior.empty_text_ids(len(text), text.device)
@@ -59,7 +60,7 @@ def reference_codes(
         while codes.shape[1] < grid * grid:
             logits = next_logits(text)
             if guidance_scale != 1.0:
-                logits = classifier_free_guidance(logits, next_logits(unconditional_text), guidance_scale)
+                logits = classifier_free_guidance(logits, next_logits(unconditional_text), guidance_scale, plausibility)
             if generator is None:
                 code = logits.argmax(-1, keepdim=True)
             else:
@@ -160,13 +161,44 @@ def test_guidance_formula_and_scale_one() -> None:
     torch.testing.assert_close(classifier_free_guidance(conditional, unconditional, 3.0), torch.tensor([4.0, -2.0, -5.0]))
 
 
+def test_guidance_plausibility_refuses_codes_the_prompted_model_finds_unlikely() -> None:
+    """Plain guidance promotes code 1, which the prompted model finds e^-3 (5%) as likely as code 0 (the
+    unconditional branch finds it even less likely); at plausibility 0.1 it is refused and code 0 wins; at 0.04
+    code 1 is plausible enough, and everything plausible keeps its plain guided logit."""
+    conditional, unconditional = torch.tensor([[2.0, -1.0, 0.0]]), torch.tensor([[2.0, -4.0, 0.0]])
+    plain = classifier_free_guidance(conditional, unconditional, 3.0)
+    assert plain.argmax().item() == 1
+    constrained = classifier_free_guidance(conditional, unconditional, 3.0, plausibility=0.1)
+    assert constrained.argmax().item() == 0
+    assert torch.equal(constrained, torch.tensor([[2.0, float("-inf"), 0.0]]))
+    assert torch.equal(classifier_free_guidance(conditional, unconditional, 3.0, plausibility=0.04), plain)
+
+
+@pytest.mark.parametrize("plausibility", [-0.1, 1.0, float("nan")])
+def test_generate_refuses_a_plausibility_outside_zero_one(prior: PriorModel, plausibility: float) -> None:
+    with pytest.raises(ValueError, match=r"guidance_plausibility must be in \[0, 1\)"):
+        prior.generate(captions(1), guidance_scale=3.0, guidance_plausibility=plausibility)
+
+
+def test_plain_guidance_is_plausibility_zero(prior: PriorModel) -> None:
+    """`guidance_plausibility=0` is plain guidance, through the cached loop as through the plain one; near 1 only
+    the prompted model's likeliest code is left, so greedy guided codes are the unguided ones."""
+    text = captions(3)
+    plain = prior.generate(text, guidance_scale=3.0, guidance_plausibility=0.0, do_sample=False, mixed_precision="no")
+    assert torch.equal(plain, reference_codes(prior, text, 3.0, plausibility=0.0))
+    only_likeliest = prior.generate(text, guidance_scale=3.0, guidance_plausibility=0.999, do_sample=False,
+                                    mixed_precision="no")
+    assert torch.equal(only_likeliest, prior.generate(text, do_sample=False, mixed_precision="no"))
+    assert not torch.equal(plain, only_likeliest)
+
+
 def test_batched_guidance_matches_two_separate_forwards(prior: PriorModel) -> None:
     text = captions(2)
     first_code = prior.generate(text, do_sample=False, guidance_scale=4.0, mixed_precision="no")[:, 0, 0]
     conditional = prior(prior.build_input_ids(text), compute_loss=False).logits[:, -1, 40:]
     empty = prior.empty_text_ids(2, text.device)
     unconditional = prior(prior.build_input_ids(empty), compute_loss=False).logits[:, -1, 40:]
-    expected = classifier_free_guidance(conditional, unconditional, 4.0).argmax(-1)
+    expected = classifier_free_guidance(conditional, unconditional, 4.0, plausibility=0.1).argmax(-1)
     assert torch.equal(first_code, expected)
     assert torch.equal(prior.generate(text, do_sample=False, guidance_scale=1.0),
                        prior.generate(text, do_sample=False))
@@ -218,7 +250,7 @@ def test_a_negative_prompt_is_the_unconditional_branch_of_guidance(prior: PriorM
     with torch.no_grad():
         conditional = prior(prior.build_input_ids(text), compute_loss=False).logits[:, -1, 40:]
         unconditional = prior(prior.build_input_ids(negative), compute_loss=False).logits[:, -1, 40:]
-    expected_first = classifier_free_guidance(conditional, unconditional, 3.0).argmax(-1)
+    expected_first = classifier_free_guidance(conditional, unconditional, 3.0, plausibility=0.1).argmax(-1)
     codes = prior.generate(text, negative_text_ids=negative, guidance_scale=3.0, do_sample=False,
                            mixed_precision="no")
     assert torch.equal(codes[:, 0, 0], expected_first)

@@ -172,6 +172,7 @@ BAD_BODIES = [
     ({"prompt": "seven", "n": -1}, 400, "n", "n: Input should be greater than or equal to 1"),
     ({"prompt": "seven", "n": 10**6}, 400, "n", "n: Input should be less than or equal to 10"),
     ({"prompt": "seven", "guidance_scale": -1}, 400, "guidance_scale", "greater than or equal to 0"),
+    ({"prompt": "seven", "guidance_plausibility": 1}, 400, "guidance_plausibility", "less than 1"),
     ({"prompt": "seven", "num_candidates": 8}, 400, "num_candidates", "needs a scorer"),
     ({"prompt": "seven", "n": 4, "num_candidates": 2}, 400, "num_candidates", "from the number of images (4) to 64"),
     ({"prompt": "seven", "size": "1024x1024"}, 400, "size", "it draws 16x16 images only"),

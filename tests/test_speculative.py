@@ -65,7 +65,8 @@ def test_jacobi_codes_follow_the_sequential_distribution(prior: PriorModel, sett
 def exact_image_probabilities(prior: PriorModel, caption: torch.Tensor, guidance_scale: float,
                               warpers: LogitsProcessorList) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of the prior's grid [n, N] and the probability [n] that sampling draws it, from the
-    full-sequence forward: guided, warped next-code distributions multiplied along the image."""
+    full-sequence forward: guided (at `generate`'s default plausibility), warped next-code distributions
+    multiplied along the image."""
     num_codes, vocab = prior.config.image_seq_len, prior.config.image_vocab_size
     images = torch.tensor(list(itertools.product(range(vocab), repeat=num_codes)))
     grid = images.view(-1, prior.config.image_grid_size, prior.config.image_grid_size)
@@ -74,7 +75,7 @@ def exact_image_probabilities(prior: PriorModel, caption: torch.Tensor, guidance
         logits = [prior(prior.build_input_ids(text.expand(len(images), -1), grid), compute_loss=False).logits
                   [:, image_positions, prior.config.text_vocab_size :]
                   for text in (caption, prior.empty_text_ids(1, caption.device))]
-    guided = classifier_free_guidance(*logits, guidance_scale) if guidance_scale != 1.0 else logits[0]
+    guided = classifier_free_guidance(*logits, guidance_scale, plausibility=0.1) if guidance_scale != 1.0 else logits[0]
     probs = warpers(None, guided.flatten(0, 1)).softmax(dim=-1).view_as(guided)
     return images, probs.gather(-1, images[..., None]).squeeze(-1).prod(dim=-1)
 

@@ -301,8 +301,9 @@ def saved_pipeline(pipe: TextToImagePipeline, tmp_path_factory: pytest.TempPathF
         (["--num-images", "8", "--candidates", "100000"], "100,000 candidates, more than the 8,192"),
         (["--guidance-scale", "inf"], "argument --guidance-scale: expected a positive finite number, got 'inf'"),
         (["--guidance-scale", "nan"], "expected a positive finite number, got 'nan'"),
+        (["--guidance-plausibility", "1"], "argument --guidance-plausibility: expected a number in [0, 1)"),
     ],
-    ids=["num images", "candidates", "inf guidance", "nan guidance"],
+    ids=["num images", "candidates", "inf guidance", "nan guidance", "plausibility one"],
 )
 def test_generate_refuses_what_a_call_cannot_do(saved_pipeline: Path, args: list[str], expected: str,
                                                 tmp_path: Path) -> None:

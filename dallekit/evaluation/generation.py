@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 import datasets
@@ -90,6 +90,7 @@ def evaluate_pipeline(
     *,
     scorer: TextImageScorer,
     max_train_images: int | None = MAX_TRAIN_IMAGES,
+    pipe_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Generation metrics of `pipe` on `dataset` per guidance scale, JSON-serialisable.
 
@@ -97,7 +98,8 @@ def evaluate_pipeline(
     `DataConfig` (e.g. with `caption_languages`; its image size is the pipeline's). Prompts are
     its validation captions (the first `max_prompts`, or all), one image each (the best of
     `num_candidates` by the pipeline's own scorer, `pipe.scorer`, when more than one); every scale samples
-    with a generator seeded by `seed`. `scorer` is the evaluation scorer (never a reranking one:
+    with a generator seeded by `seed`; `pipe_kwargs` go to every pipeline call (e.g. `guidance_plausibility`,
+    `top_k`). `scorer` is the evaluation scorer (never a reranking one:
     `pipelines.judges.load_or_train_judge` trains one); the classifier, for a dataset with
     class-label columns (digits, shapes) only, is `load_or_train_classifier(dataset, image_size)`
     unless given. Copies, and the real train-vs-validation distances, are measured against the first
@@ -183,7 +185,7 @@ def evaluate_pipeline(
         sampling_start = time.perf_counter()
         for first in batches:
             output = pipe(prompts[first : first + batch_size], guidance_scale=scale, generator=generator,
-                          num_candidates=num_candidates, output_type="pt", progress=False)
+                          num_candidates=num_candidates, output_type="pt", progress=False, **(pipe_kwargs or {}))
             images.append(output.images)
             codes.append(output.codes.cpu())
             bar.update()
