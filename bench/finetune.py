@@ -1,11 +1,14 @@
 """Benchmark starting from a trained pipeline: LoRA, full fine-tuning and training from scratch, at equal time.
 
     python bench/finetune.py [--held-out 9] [--budget-seconds 90] [--output-dir outputs/bench_finetune]
-    python bench/finetune.py --dataset emoji [--held-out-group "Food & Drink"] [--budget-seconds 240]
+    python bench/finetune.py --dataset emoji [--held-out-group "Food & Drink" | --held-out-words hand fist]
+                             [--budget-seconds 240]
 
 `--dataset emoji` (the issue's benchmark; `pip install ".[bench]"` for the Unicode emoji
 groups): the base is trained on the built-in emoji at 64 px (the 64 px recipe) without one Unicode
-group, held out entirely, and adapted to it the three ways below. Judged by the emoji evaluation
+group (or, with `--held-out-words`, without the emoji whose name has one of those words: a new subject
+with variants, e.g. every hand gesture in its six skin tones), held out entirely, and adapted to it the
+three ways below. Judged by the emoji evaluation
 scorer (`pipelines.judges.load_or_train_judge("emoji", 64)`, trained on every real training emoji):
 R-precision and CLIPScore of 4 images per held-out caption of the group (a fifth of its emoji, held
 out of the adaptation), of one image per third caption the adaptation was taught (`group_taught`),
@@ -39,6 +42,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -162,10 +166,20 @@ def emoji_group(character: str) -> str:
     return groups.get("-".join(codes)) or groups.get(codes[0], "Other")
 
 
-def write_emoji_folders(root: Path, group: str) -> tuple[Path, Path]:
+def held_out_emoji(group: str, words: list[str] | None) -> Callable[[dict], bool]:
+    """Whether a built-in emoji example belongs to the held-out group: the Unicode `group`, or with `words` the
+    emoji whose name (the caption before its ':') has one of them as a word."""
+    if not words:
+        return lambda example: emoji_group(example["emoji"]) == group
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE)
+    return lambda example: bool(pattern.search(example["text"].split(":")[0]))
+
+
+def write_emoji_folders(root: Path, belongs: Callable[[dict], bool]) -> tuple[Path, Path]:
     """(base, group) image folders of the built-in emoji at 64 px, each with train/ and validation/ and all their
-    captions: the base holds every emoji outside `group` (the built-in split; its held-out emoji are skin-tone and
-    gender variants of People & Body), the group its emoji, a fifth of them held out (seed 0) for judging."""
+    captions: the base holds every emoji that does not `belong` to the group (the built-in split; its held-out
+    emoji are skin-tone and gender variants of People & Body), the group its emoji, a fifth of them held out
+    (seed 0) for judging."""
     splits = load_text_image_dataset(DataConfig(source="emoji", image_size=EMOJI_IMAGE_SIZE))
     rows: dict[tuple[str, str], list[dict]] = {(kind, split): [] for kind in ("base", "group")
                                                 for split in ("train", "validation")}
@@ -174,12 +188,13 @@ def write_emoji_folders(root: Path, group: str) -> tuple[Path, Path]:
         for index, example in enumerate(split):
             row = {"file_name": f"{name}-{index:05d}.png", "text": example["text"], "captions": example["captions"],
                    "image": example["image"]["bytes"]}
-            if emoji_group(example["emoji"]) == group:
+            if belongs(example):
                 members.append(row)
             else:
                 rows["base", name].append(row)
     if len(members) < 10:
-        raise SystemExit(f"{len(members)} emoji in group {group!r}: name a Unicode group, e.g. 'Food & Drink'")
+        raise SystemExit(f"{len(members)} emoji in the held-out group: name a Unicode group, e.g. 'Food & Drink', "
+                         "or words of emoji names, e.g. hand")
     random.Random(0).shuffle(members)
     held_out = len(members) // 5
     rows["group", "validation"], rows["group", "train"] = members[:held_out], members[held_out:]
@@ -207,7 +222,7 @@ def r_precision_of(pipe: TextToImagePipeline, prompts: list[str], judge, referen
 
 def emoji_main(args: argparse.Namespace) -> None:
     root = args.output_dir
-    base_data, group_data = write_emoji_folders(root, args.held_out_group)
+    base_data, group_data = write_emoji_folders(root, held_out_emoji(args.held_out_group, args.held_out_words))
 
     def captions(folder: Path, split: str = "validation") -> list[str]:
         return [json.loads(line)["text"] for line in (folder / split / "metadata.jsonl").read_text().splitlines()]
@@ -217,7 +232,9 @@ def emoji_main(args: argparse.Namespace) -> None:
     base_prompts = captions(base_data)[:: args.base_stride]
     reference = captions(base_data) + new_prompts  # R-precision's distractors: every held-out caption
     print(json.dumps({"bench": "finetune", "dataset": "emoji", "cpu": cpu_name(),
-                      "torch_threads": torch.get_num_threads(), "held_out_group": args.held_out_group,
+                      "torch_threads": torch.get_num_threads(),
+                      "held_out_group": (f"names with {args.held_out_words}" if args.held_out_words
+                                         else args.held_out_group),
                       "group_validation_captions": len(new_prompts), "base_prompts_judged": len(base_prompts),
                       "budget_seconds": args.budget_seconds, "reuse_runs": args.reuse_runs}), flush=True)
     judge = load_or_train_judge("emoji", EMOJI_IMAGE_SIZE)
@@ -269,6 +286,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=("digits", "emoji"), default="digits")
     parser.add_argument("--held-out-group", default="Food & Drink", help="emoji: the Unicode group the base never sees")
+    parser.add_argument("--held-out-words", nargs="+", default=None,
+                        help="emoji: hold out the emoji whose name has one of these words instead (e.g. hand fist)")
     parser.add_argument("--reuse-runs", action="store_true",
                         help="emoji: judge the runs already in --output-dir again instead of training them")
     parser.add_argument("--base-stride", type=int, default=3,
