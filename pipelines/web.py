@@ -194,8 +194,9 @@ def build_app(pipe: TextToImagePipeline, compile: bool | Literal["auto"] = "auto
     examples = info.get("example_prompts") or ([info["example_prompt"]] if info.get("example_prompt") else [])
 
     def generate(
-        prompt: str, negative_prompt: str, num_images: int, guidance_scale: float, top_k: int, temperature: float,
-        seed: int | None, num_candidates: int | None = None, progress: gr.Progress = gr.Progress(),
+        prompt: str, negative_prompt: str, num_images: int, guidance_scale: float, guidance_plausibility: float,
+        top_k: int, temperature: float, seed: int | None, num_candidates: int | None = None,
+        progress: gr.Progress = gr.Progress(),
     ) -> tuple[Gallery, str]:
         prompt = _typed(prompt)
         if prompt is None:
@@ -204,7 +205,8 @@ def build_app(pipe: TextToImagePipeline, compile: bool | Literal["auto"] = "auto
         try:
             request = GenerationRequest(
                 prompt, num_images=int(num_images), seed=_seed(seed), guidance_scale=float(guidance_scale),
-                negative_prompt=negative_prompt, temperature=float(temperature), top_k=int(top_k) or None,
+                negative_prompt=negative_prompt, guidance_plausibility=float(guidance_plausibility),
+                temperature=float(temperature), top_k=int(top_k) or None,
                 num_candidates=int(num_candidates) if num_candidates is not None else None,
             )
         except RequestError as error:
@@ -287,6 +289,9 @@ def build_app(pipe: TextToImagePipeline, compile: bool | Literal["auto"] = "auto
                 with gr.Accordion("Sampling", open=True):
                     num_images = number_of_images()
                     guidance_scale = guidance()
+                    guidance_plausibility = gr.Slider(
+                        0, 0.5, value=0.1, step=0.01, label="Guidance plausibility",
+                        info="guidance picks only among codes at least this share as likely as the likeliest; 0: plain")
                     top_k = gr.Slider(0, pipe.prior.config.image_vocab_size, value=0, step=1, label="Top-k",
                                       info="sample among the k likeliest codes; 0: all")
                     temperature = gr.Slider(0.1, 2, value=1, step=0.05, label="Temperature")
@@ -296,7 +301,8 @@ def build_app(pipe: TextToImagePipeline, compile: bool | Literal["auto"] = "auto
                         info="images drawn per prompt; the scorer keeps the best",
                     )] if has_scorer else []
             gallery, notes = results("")
-        inputs = [prompt, negative_prompt, num_images, guidance_scale, top_k, temperature, seed, *candidates]
+        inputs = [prompt, negative_prompt, num_images, guidance_scale, guidance_plausibility, top_k, temperature, seed,
+                  *candidates]
         gr.on([run.click, prompt.submit], generate, inputs=[_answered_in_page(component) for component in inputs],
               outputs=[gallery, notes], api_name="generate", concurrency_limit=batcher.max_queue)
 

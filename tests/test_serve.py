@@ -245,6 +245,7 @@ def test_a_prompt_longer_than_the_model_reads_is_cut_and_the_page_says_so(client
         ({"prompt": "   "}, "Type a prompt first"),
         ({"num_images": 99}, "Number of images: Value 99 is greater than maximum value 16"),
         ({"guidance_scale": -1}, "Guidance scale: Value -1 is less than minimum value 0"),
+        ({"guidance_plausibility": 0.9}, "Guidance plausibility: Value 0.9 is greater than maximum value 0.5"),
         ({"top_k": 1000}, "Top-k: Value 1000 is greater than maximum value 64"),
         ({"temperature": 0}, "Temperature: Value 0 is less than minimum value 0.1"),
         ({"seed": -1}, "Seed: Value -1 is less than minimum value 0"),
