@@ -29,6 +29,7 @@ from dallekit.data import (
     to_rgb,
 )
 from dallekit.data.digits import DIGIT_NAMES
+from dallekit.data.replay import MAX_REPLAY_ROWS, replay_passes
 from dallekit.data.shapes import COLOURS, POSITIONS, SHAPES
 
 WHITE, BLACK, RED, GREEN, BLUE = (255, 255, 255), (0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -114,15 +115,25 @@ def test_replay_mixes_a_share_of_another_source_into_train_only():
     mixed = load_text_image_dataset(DataConfig(source="shapes", num_shapes=100, replay_source="digits",
                                                replay_fraction=0.25))
     assert mixed["train"].column_names == ["image", "text"]
-    assert len(mixed["train"]) == 90 + 30 and mixed["train"]["text"][:90] == shapes["train"]["text"]
-    digits = set(load_text_image_dataset(DataConfig(source="digits"))["train"]["text"])
-    assert set(mixed["train"]["text"][90:]) <= digits, "the replayed rows are digits"
+    digits = load_text_image_dataset(DataConfig(source="digits"))["train"]
+    texts = list(mixed["train"]["text"])
+    passes = (len(texts) - len(digits)) // 90
+    assert passes > 1 and texts[:90 * passes] == list(shapes["train"]["text"]) * passes, "the new data, pass after pass"
+    assert sorted(texts[90 * passes:]) == sorted(digits["text"]), "then every digit once: the whole source replayed"
+    assert 0.23 < len(digits) / len(texts) < 0.27, "a quarter of the split is replay"
+    again = load_text_image_dataset(DataConfig(source="shapes", num_shapes=100, replay_source="digits",
+                                               replay_fraction=0.25))
+    assert list(again["train"]["text"]) == texts, "seeded: the same mix again"
+    passes = replay_passes(500, 1_000_000, 0.25)  # a huge replay source: a sample, within the row cap
+    assert passes > 1 and passes * 500 * 4 / 3 <= MAX_REPLAY_ROWS
+    assert replay_passes(100, 10, 0.25) == 1, "a small source: one pass (and all of it replayed)"
     assert mixed["validation"]["text"] == shapes["validation"]["text"], "validation is the source's own"
 
     streamed = load_text_image_dataset(DataConfig(source="shapes", num_shapes=1000, replay_source="digits",
                                                   replay_fraction=0.25, streaming=True))
     texts = [example["text"] for example in streamed["train"]]
-    replayed = sum(text in digits for text in texts) / len(texts)
+    digit_texts = set(digits["text"])
+    replayed = sum(text in digit_texts for text in texts) / len(texts)
     assert 0.15 < replayed < 0.35, f"about a quarter replayed in a stream, got {replayed:.2f}"
 
     with pytest.raises(ValueError, match="replay_source='shapes' is invalid"):

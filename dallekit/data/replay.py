@@ -4,6 +4,7 @@ showing the model some of what it learnt before (`DataConfig.replay_source`, `re
 from __future__ import annotations
 
 import logging
+import math
 
 import datasets
 
@@ -11,15 +12,30 @@ from .checks import DataError
 
 logger = logging.getLogger(__name__)
 
+# the most rows a map-style split mixed with replay may have (each is encoded once before training)
+MAX_REPLAY_ROWS = 20_000
+
+
+def replay_passes(train_size: int, replay_size: int, fraction: float) -> int:
+    """How many times a map-style split of `train_size` examples is repeated so that a `fraction` share of the
+    result holds all `replay_size` replay examples, within `MAX_REPLAY_ROWS` rows (at least once)."""
+    train_size = max(train_size, 1)
+    covering = math.ceil(replay_size * (1 - fraction) / (fraction * train_size))
+    within_cap = math.floor(MAX_REPLAY_ROWS * (1 - fraction) / train_size)
+    return max(1, min(covering, within_cap))
+
 
 def mix_in_replay(train: datasets.Dataset | datasets.IterableDataset, replay: datasets.Dataset | datasets.IterableDataset,
                   fraction: float, seed: int, source: str) -> datasets.Dataset | datasets.IterableDataset:
     """`train` with examples of `replay` making up about `fraction` of the result.
 
-    Map-style: all of `train` and a seeded sample of `replay` sized `fraction / (1 - fraction) * len(train)` (all of
-    it when it is smaller, with a warning), concatenated (the loader shuffles). A stream: the two interleaved, each
-    example drawn from `replay` with probability `fraction` (`datasets.interleave_datasets`, seeded), ending with
-    the first to run out. Only `image`, `text` and `captions` (when both have it) are kept, with `train`'s features.
+    Map-style: `train` repeated as many times as it takes for a `fraction` share to hold every example of `replay`,
+    plus that share of `replay` (a seeded sample), concatenated (the loader shuffles). So a run sees the whole replay
+    source, not the same few examples again and again, and the new data keeps its share. The result is capped at
+    `MAX_REPLAY_ROWS` rows (a sample of `replay` beyond that); `replay` smaller than one pass's share is used whole,
+    with a warning. A stream: the two interleaved, each example drawn from `replay` with probability `fraction`
+    (`datasets.interleave_datasets`, seeded), ending with the first to run out. Only `image`, `text` and `captions`
+    (when both have it) are kept, with `train`'s features.
     """
     shared = [name for name in ("image", "text", "captions")
               if name in train.column_names and name in (replay.column_names or [])]
@@ -30,14 +46,16 @@ def mix_in_replay(train: datasets.Dataset | datasets.IterableDataset, replay: da
     if train.features is not None:
         replay = replay.cast(train.features)
     if isinstance(train, datasets.Dataset) and isinstance(replay, datasets.Dataset):
-        wanted = round(fraction / (1 - fraction) * len(train))
-        if wanted > len(replay):
+        passes = replay_passes(len(train), len(replay), fraction)
+        wanted = round(fraction / (1 - fraction) * passes * len(train))
+        if passes == 1 and wanted > len(replay):
             logger.warning("replay_source %r has %d training examples, fewer than the %d that replay_fraction %.2f "
                            "asks for: replaying all of them", source, len(replay), wanted, fraction)
         sample = replay.shuffle(seed=seed).select(range(min(wanted, len(replay))))
-        logger.info("replaying %d examples of %r among %d training examples (%.0f%%)", len(sample), source,
-                    len(train), 100 * len(sample) / (len(train) + len(sample)))
-        return datasets.concatenate_datasets([train, sample])
+        logger.info("replaying %d of the %d examples of %r beside %d pass(es) over the %d training examples "
+                    "(%.0f%% replay)", len(sample), len(replay), source, passes, len(train),
+                    100 * len(sample) / (passes * len(train) + len(sample)))
+        return datasets.concatenate_datasets([train] * passes + [sample])
     if isinstance(train, datasets.Dataset):
         train = train.to_iterable_dataset()
     if isinstance(replay, datasets.Dataset):
