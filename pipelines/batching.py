@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from pipelines.text_to_image import TextToImagePipeline
+from stage2_prior.modeling_prior import DEFAULT_GUIDANCE_PLAUSIBILITY
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class GenerationRequest:
     seed: int = 0
     guidance_scale: float = 3.0
     negative_prompt: str | None = None
-    guidance_plausibility: float = 0.1
+    guidance_plausibility: float = DEFAULT_GUIDANCE_PLAUSIBILITY
     temperature: float = 1.0
     top_k: int | None = None
     num_candidates: int | None = None

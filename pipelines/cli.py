@@ -439,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(run=_evaluate)
     for command in (generate, edit, evaluate):
+        # the literal is `DEFAULT_GUIDANCE_PLAUSIBILITY`, written out to keep this module's import light (tested)
         command.add_argument("--guidance-plausibility", type=_plausibility, default=0.1,
                              help="guidance reorders only the codes the prompted prior gives at least this share of "
                                   "its likeliest code's probability; 0: plain guidance (default: 0.1)")

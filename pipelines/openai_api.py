@@ -42,6 +42,7 @@ from pipelines.batching import (
     RequestError,
     ServerBusy,
 )
+from stage2_prior.modeling_prior import DEFAULT_GUIDANCE_PLAUSIBILITY
 
 logger = logging.getLogger(__name__)
 MAX_N = 10  # as OpenAI's API
@@ -63,7 +64,7 @@ class ImageGenerationBody(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="default: a random seed")
     guidance_scale: float = Field(3.0, ge=0, allow_inf_nan=False)
     negative_prompt: str | None = None
-    guidance_plausibility: float = Field(0.1, ge=0, lt=1, allow_inf_nan=False)
+    guidance_plausibility: float = Field(DEFAULT_GUIDANCE_PLAUSIBILITY, ge=0, lt=1, allow_inf_nan=False)
     num_candidates: int | None = Field(None, ge=1, le=MAX_CANDIDATES_PER_REQUEST)
     temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=1)

@@ -52,6 +52,7 @@ from pipelines.model_card import dallekit_version, make_adapter_card, make_model
 from pipelines.space import require_gradio, write_space
 from stage1_dvae import DVAEModel
 from stage2_prior import PriorModel, lora
+from stage2_prior.modeling_prior import DEFAULT_GUIDANCE_PLAUSIBILITY
 
 ModelT = TypeVar("ModelT", DVAEModel, PriorModel, ScorerModel)
 MODEL_INDEX = "model_index.json"
@@ -430,7 +431,7 @@ class TextToImagePipeline:
         num_images_per_prompt: int = 1,
         guidance_scale: float = 3.0,
         negative_prompt: str | list[str] | None = None,
-        guidance_plausibility: float = 0.1,
+        guidance_plausibility: float = DEFAULT_GUIDANCE_PLAUSIBILITY,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,

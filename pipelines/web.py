@@ -38,6 +38,7 @@ from pipelines.batching import (
     ServerBusy,
 )
 from pipelines.text_to_image import TextToImageOutput, TextToImagePipeline
+from stage2_prior.modeling_prior import DEFAULT_GUIDANCE_PLAUSIBILITY
 
 ComponentT = TypeVar("ComponentT", bound=gr.components.Component)
 Gallery = list[tuple[Image.Image, str]]
@@ -290,7 +291,7 @@ def build_app(pipe: TextToImagePipeline, compile: bool | Literal["auto"] = "auto
                     num_images = number_of_images()
                     guidance_scale = guidance()
                     guidance_plausibility = gr.Slider(
-                        0, 0.5, value=0.1, step=0.01, label="Guidance plausibility",
+                        0, 0.5, value=DEFAULT_GUIDANCE_PLAUSIBILITY, step=0.01, label="Guidance plausibility",
                         info="guidance picks only among codes at least this share as likely as the likeliest; 0: plain")
                     top_k = gr.Slider(0, pipe.prior.config.image_vocab_size, value=0, step=1, label="Top-k",
                                       info="sample among the k likeliest codes; 0: all")

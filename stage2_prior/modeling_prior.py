@@ -64,6 +64,10 @@ from stage2_prior.speculative import DecodingStats, speculative_jacobi_codes
 
 logger = logging.getLogger(__name__)
 
+# `classifier_free_guidance`'s `plausibility` wherever a user samples: generate, the pipeline, the CLI, the
+# server and the page (on the 2-core emoji demo: R-precision at guidance 3 0.46 with plain guidance, 0.74 with it)
+DEFAULT_GUIDANCE_PLAUSIBILITY = 0.1
+
 
 def classifier_free_guidance(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float,
                              plausibility: float = 0.0) -> torch.Tensor:
@@ -374,7 +378,7 @@ class PriorModel(PriorPreTrainedModel):
         self,
         text_ids: torch.Tensor,
         guidance_scale: float = 1.0,
-        guidance_plausibility: float = 0.1,
+        guidance_plausibility: float = DEFAULT_GUIDANCE_PLAUSIBILITY,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -447,8 +451,8 @@ class PriorModel(PriorPreTrainedModel):
         num_sampled_span = int(sampled_anywhere.nonzero()[-1]) + 1 if keep is not None else self.config.image_seq_len
         guided = guidance_scale != 1.0
         if not 0 <= guidance_plausibility < 1:
-            raise ValueError(f"guidance_plausibility must be in [0, 1) (0: plain guidance, 0.1: the default), got "
-                             f"{guidance_plausibility!r}")
+            raise ValueError(f"guidance_plausibility must be in [0, 1) (0: plain guidance, "
+                             f"{DEFAULT_GUIDANCE_PLAUSIBILITY}: the default), got {guidance_plausibility!r}")
         if negative_text_ids is not None and negative_text_ids.shape != text_ids.shape:
             raise ValueError(f"negative_text_ids must have the shape of text_ids {list(text_ids.shape)}, "
                              f"got {list(negative_text_ids.shape)}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 # Tests never reach a hub: fail fast instead of retrying a network that is not there.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,6 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
+from huggingface_hub import HfApi  # noqa: E402
 
 from dallekit.data import DataConfig, TextImageCollator, load_text_image_dataset  # noqa: E402
 from stage1_dvae import DVAEConfig  # noqa: E402
@@ -58,3 +61,22 @@ def _fresh_process_state() -> Iterator[None]:
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, list[dict]]:
+    """Everything up to the network: `HfApi.create_repo` and `upload_folder` calls, each uploaded folder kept."""
+    calls: dict[str, list[dict]] = {"create_repo": [], "upload_folder": []}
+
+    def create_repo(self, repo_id: str, **kwargs) -> str:
+        calls["create_repo"].append({"repo_id": repo_id, **kwargs})
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id: str, folder_path: str | Path, **kwargs) -> str:
+        kept = shutil.copytree(folder_path, tmp_path / "uploaded" / str(len(calls["upload_folder"])))
+        calls["upload_folder"].append({"repo_id": repo_id, "folder": kept, **kwargs})
+        return f"commit-{kwargs['repo_type']}"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls

@@ -131,3 +131,21 @@ def test_a_pipeline_saved_with_adapters_loads_them_active_over_its_base_prior(pi
     base_prior = PriorModel.from_pretrained(tmp_path / "pipeline" / "prior")  # the prior/ folder: the base weights
     assert torch.equal(codes(TextToImagePipeline(pipe.vqvae, base_prior, pipe.tokenizer)), base)
 
+
+def test_push_lora_to_hub_uploads_the_adapter_alone_with_its_card(pipe: TextToImagePipeline, hub: dict) -> None:
+    trained_adapter(pipe, "mine")
+    assert pipe.push_lora_to_hub("someone/tiny-lora", adapter_name="mine", base_model="someone/tiny-dallekit",
+                                 private=True) == "commit-model"
+    assert hub["create_repo"] == [{"repo_id": "someone/tiny-lora", "private": True, "exist_ok": True,
+                                   "repo_type": "model"}]
+    [upload] = hub["upload_folder"]
+    folder = upload["folder"]
+    assert upload["repo_id"] == "someone/tiny-lora" and upload["commit_message"].startswith("Upload LoRA adapter mine")
+    assert {path.name for path in folder.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "README.md",
+                                                       "dallekit_prior.json"}  # the sizes it fits
+    assert ModelCard.load(folder / "README.md").data.base_model == "someone/tiny-dallekit"
+    adapted = codes(pipe)
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(folder, adapter_name="mine")  # what was uploaded is the adapter, whole
+    torch.testing.assert_close(codes(pipe), adapted, rtol=0, atol=0)
+

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard, SpaceCard
+from huggingface_hub import ModelCard, SpaceCard
 from huggingface_hub.errors import OfflineModeIsEnabled
 from PIL import Image
 from transformers import PreTrainedTokenizerFast
@@ -202,25 +202,6 @@ def test_model_card_has_hub_metadata_and_survives_a_reload(pipe: TextToImagePipe
     assert all((tmp_path / "saved" / name).is_dir() for name in ("vqvae", "prior", "tokenizer") if name in index)
 
 
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, list[dict]]:
-    """Everything up to the network: `HfApi.create_repo` and `upload_folder` calls, each uploaded folder kept."""
-    calls: dict[str, list[dict]] = {"create_repo": [], "upload_folder": []}
-
-    def create_repo(self, repo_id: str, **kwargs) -> str:
-        calls["create_repo"].append({"repo_id": repo_id, **kwargs})
-        return f"https://huggingface.co/{repo_id}"
-
-    def upload_folder(self, *, repo_id: str, folder_path: str | Path, **kwargs) -> str:
-        kept = shutil.copytree(folder_path, tmp_path / "uploaded" / str(len(calls["upload_folder"])))
-        calls["upload_folder"].append({"repo_id": repo_id, "folder": kept, **kwargs})
-        return f"commit-{kwargs['repo_type']}"
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    return calls
-
-
 def _files(folder: Path) -> set[str]:
     return {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
 
@@ -263,3 +244,26 @@ def test_push_to_hub_with_a_space_adds_a_gradio_app_for_the_model(pipe: TextToIm
 def test_push_to_hub_offline_fails_before_uploading(pipe: TextToImagePipeline) -> None:
     with pytest.raises(OfflineModeIsEnabled):
         pipe.push_to_hub("someone/tiny-dallekit")
+
+
+def test_every_sampling_entry_point_defaults_to_the_same_guidance_plausibility() -> None:
+    """generate, the pipeline, the CLI (a literal, to keep its import light), the server's requests and the OpenAI
+    body share `DEFAULT_GUIDANCE_PLAUSIBILITY`: a new default changes them all or fails here."""
+    import inspect
+
+    from pipelines.batching import GenerationRequest
+    from pipelines.cli import build_parser
+    from pipelines.openai_api import ImageGenerationBody
+    from stage2_prior.modeling_prior import DEFAULT_GUIDANCE_PLAUSIBILITY
+
+    defaults = {
+        "PriorModel.generate": inspect.signature(PriorModel.generate).parameters["guidance_plausibility"].default,
+        "pipe()": inspect.signature(TextToImagePipeline.__call__).parameters["guidance_plausibility"].default,
+        "GenerationRequest": GenerationRequest(prompt="a").guidance_plausibility,
+        "OpenAI body": ImageGenerationBody(prompt="a").guidance_plausibility,
+    }
+    for command in ("generate", "edit", "evaluate"):
+        arguments = {"generate": ["--model", "m", "--prompt", "a", "--out", "o.png"], "evaluate": ["--model", "m"],
+                     "edit": ["--model", "m", "--image", "i.png", "--out", "o.png"]}[command]
+        defaults[f"dallekit {command}"] = build_parser().parse_args([command, *arguments]).guidance_plausibility
+    assert defaults == dict.fromkeys(defaults, DEFAULT_GUIDANCE_PLAUSIBILITY)
