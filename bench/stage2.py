@@ -23,7 +23,9 @@ Prints one JSON object per measurement, each naming the CPU (`lscpu`) and the ma
   `training.compile`, each position's logits over its own vocabulary) and its achieved FLOP/s as a share
   of the matmul peak measured in the same run (same dtype and device): the fastest of square matmuls
   (1024 to 4096 on CPU) and of the prior's own projections at the batch's positions, each reported;
-  target >= 60% on CPU. The emoji recipe's prior: `--config configs/prior/emoji_8x8.yaml --vocabularies 2048 1024`.
+  target >= 60% on CPU. Also the share a step made of nothing but its weight matmuls would reach (each
+  projection's forward, input gradient and weight gradient, as autograd runs them): the bound on fusing everything
+  else away. The emoji recipe's prior: `--config configs/prior/emoji_8x8.yaml --vocabularies 2048 1024`.
 - peak RSS after each phase (and peak GPU memory on CUDA).
 
 The device defaults to the accelerator when there is one; `auto` precision means bf16 there.
@@ -67,20 +69,25 @@ def memory_figures(device: torch.device) -> dict:
     return figures
 
 
-def matmul_flops(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device, seconds: float = 1.0) -> float:
-    """Measured FLOP/s of `[m, k] @ [k, n]` matmuls (`shape` = (m, k, n)) in `dtype` on `device`."""
-    m, k, n = shape
-    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
-    torch.matmul(a, b)
+def flop_rate(product: Callable[[], torch.Tensor], flops: float, device: torch.device, seconds: float = 1.0) -> float:
+    """Measured FLOP/s of repeating `product` (`flops` each call) for about `seconds`."""
+    product()
     synchronize(device)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        torch.matmul(a, b)
+        product()
         count += 1
         if count % 10 == 0:
             synchronize(device)
     synchronize(device)
-    return 2 * m * k * n * count / (time.perf_counter() - start)
+    return flops * count / (time.perf_counter() - start)
+
+
+def matmul_flops(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> float:
+    """Measured FLOP/s of `[m, k] @ [k, n]` matmuls (`shape` = (m, k, n)) in `dtype` on `device`."""
+    m, k, n = shape
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+    return flop_rate(lambda: a @ b, 2 * m * k * n, device)
 
 
 def matmul_peak(config: PriorConfig, tokens: int, dtype: torch.dtype, device: torch.device) -> dict[str, float]:
@@ -92,6 +99,32 @@ def matmul_peak(config: PriorConfig, tokens: int, dtype: torch.dtype, device: to
     shapes = [(size, size, size) for size in sizes] + [
         (tokens, hidden, intermediate), (tokens, intermediate, hidden), (tokens, hidden, hidden)]
     return {" x ".join(map(str, shape)): matmul_flops(shape, dtype, device) for shape in shapes}
+
+
+def matmul_only_step(config: PriorConfig, batch_size: int, dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of a training step that ran nothing but its weight matmuls: every projection and both vocabulary heads at
+    the batch's rows, each as the step runs it (forward `x @ W.T`, input gradient `g @ W`, weight gradient `g.T @ x`).
+    Against the peak, this bounds what fusing or removing every other kernel could give."""
+    tokens = batch_size * (config.max_seq_len - 1)
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    layers = config.num_hidden_layers
+    kv = hidden // config.num_attention_heads * (config.num_key_value_heads or config.num_attention_heads)
+    projections = {  # (rows, in, out): how many the step has
+        (tokens, hidden, hidden): 2 * layers, (tokens, hidden, kv): 2 * layers,
+        (tokens, hidden, intermediate): 2 * layers, (tokens, intermediate, hidden): layers,
+        (batch_size * config.text_len, hidden, config.text_vocab_size): 1,
+        (batch_size * config.image_seq_len, hidden, config.image_vocab_size): 1,
+    }
+    flops = seconds = 0.0
+    for (rows, fan_in, fan_out), count in projections.items():
+        x, weight = (torch.randn(rows, fan_in, dtype=dtype, device=device),
+                     torch.randn(fan_out, fan_in, dtype=dtype, device=device))
+        grad = torch.randn(rows, fan_out, dtype=dtype, device=device)
+        for product in (lambda: x @ weight.t(), lambda: grad @ weight, lambda: grad.t() @ x):
+            rate = flop_rate(product, 2 * rows * fan_in * fan_out, device, seconds=0.5)
+            flops += count * 2 * rows * fan_in * fan_out
+            seconds += count * 2 * rows * fan_in * fan_out / rate
+    return flops / seconds
 
 
 def training_flops_per_token(model: PriorModel) -> float:
@@ -136,6 +169,8 @@ def bench_training(
     by_shape = matmul_peak(config, input_ids.numel(), torch.bfloat16 if precision == "bf16" else torch.float32,
                            device)
     peak = max(by_shape.values())
+    matmuls_only = matmul_only_step(config, batch_size, torch.bfloat16 if precision == "bf16" else torch.float32,
+                                    device)
     return {
         "benchmark": "stage2", "measurement": "train", "device": str(device), "precision": precision,
         "compiled": compile, "dropout": [config.embedding_dropout, config.residual_dropout],
@@ -145,6 +180,8 @@ def bench_training(
         "tokens_per_second": round(tokens_per_second), "achieved_gflops": round(achieved / 1e9, 1),
         "matmul_peak_gflops": round(peak / 1e9, 1), "share_of_matmul_peak": round(achieved / peak, 3),
         "matmul_gflops_by_shape": {shape: round(flops / 1e9, 1) for shape, flops in by_shape.items()},
+        "matmul_only_step_gflops": round(matmuls_only / 1e9, 1),
+        "matmul_only_step_share": round(matmuls_only / peak, 3),
         **memory_figures(device),
     }
 
