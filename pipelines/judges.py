@@ -29,7 +29,7 @@ from accelerate.state import AcceleratorState, PartialState, is_initialized
 from accelerate.utils import broadcast_object_list
 
 from dallekit.data import DataConfig, load_text_image_dataset
-from dallekit.data.cache import dallekit_cache_dir, source_fingerprint
+from dallekit.data.cache import dallekit_cache_dir, source_fingerprint, split_fingerprint
 from dallekit.evaluation import EVALUATION_SEED
 from dallekit.scorer import ScorerConfig, TextImageScorer
 from dallekit.scorer.train import ScorerTrainConfig, train
@@ -108,8 +108,8 @@ def load_or_train_judge(
         config.training.batch_size = fitted_batch_size(available, PartialState().num_processes)
     key = {
         "format": CACHE_FORMAT,
-        "fingerprints": [source_fingerprint(config.data) if streamed else splits["train"]._fingerprint,
-                         splits["validation"]._fingerprint],
+        "fingerprints": [source_fingerprint(config.data) if streamed else split_fingerprint(splits["train"]),
+                         split_fingerprint(splits["validation"])],
         "config": to_dict(config),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

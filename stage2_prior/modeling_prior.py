@@ -621,5 +621,6 @@ def freezing_weights(device_type: str) -> AbstractContextManager:
     """The context compiled steps run in: on CPUs, inductor's `freezing`, which makes the weights constants of
     the graph (a `FusedDecoder` never changes in place; new weights trace a new graph) and lets inductor
     prepack them for oneDNN, a step 10-25% faster. Dynamo reads the setting when it traces, so it is set
-    around the calls rather than in the compile options."""
+    around the calls rather than in the compile options (torch 2.13 has no public switch for it:
+    `options={"freezing": True}` samples no faster than no freezing)."""
     return torch._inductor.config.patch(freezing=True) if device_type == "cpu" else nullcontext()

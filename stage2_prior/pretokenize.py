@@ -47,6 +47,7 @@ from datasets.fingerprint import Hasher
 from datasets.table import MemoryMappedTable, concat_tables
 
 from dallekit.data import AugmentationConfig, ImageTransform, decode_image, random_shift_and_scale
+from dallekit.data.cache import split_fingerprint
 from stage1_dvae import DVAEModel
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ def pretokenize(
         augment = name == "train" and augmentation.copies > 0
         draw = name == "train" and "captions" in columns
         num_shards = num_code_shards(split, shard_size)
-        inputs = [source_fingerprint if streamed else split._fingerprint, model_digest, image_size, precision,
+        inputs = [source_fingerprint if streamed else split_fingerprint(split), model_digest, image_size, precision,
                   {"shard_size": shard_size} if not streamed else {"num_shards": num_shards}]
         if augment:
             inputs.append(dataclasses.asdict(augmentation))

@@ -1,11 +1,12 @@
 """Where dallekit keeps what it builds once and reuses (`$DALLEKIT_CACHE`, or `~/.cache/dallekit`), and the
-fingerprint of a data source that such caches are keyed by."""
+fingerprints of data sources and splits that such caches are keyed by."""
 
 import dataclasses
 import os
 from pathlib import Path
 
-from datasets.fingerprint import Hasher
+import datasets
+from datasets.fingerprint import Hasher, generate_fingerprint
 
 from .config import DataConfig
 from .shards import is_shard_source, shard_files
@@ -32,3 +33,10 @@ def source_fingerprint(config: DataConfig) -> str:
                 files.append(name)
     stats = [(os.path.abspath(file), os.stat(file).st_size, os.stat(file).st_mtime_ns) for file in sorted(files)]
     return Hasher.hash([dataclasses.asdict(config), stats])
+
+
+def split_fingerprint(split: datasets.Dataset) -> str:
+    """A digest of a map-style split's contents (`datasets.fingerprint.generate_fingerprint`): its table (each Arrow
+    file's path and modification time, or the rows held in memory), indices, features and format, so a shuffled,
+    selected or concatenated split gets its own. `datasets` keeps no public fingerprint of a dataset's history."""
+    return generate_fingerprint(split)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dallekit.data import DataConfig, TextImageCollator, load_text_image_dataset
-from dallekit.data.cache import dallekit_cache_dir
+from dallekit.data.cache import dallekit_cache_dir, split_fingerprint
 from dallekit.data.transforms import random_shift
 from dallekit.evaluation.metrics import prompt_adherence
 
@@ -184,7 +184,7 @@ def load_or_train_classifier(
         "format": CACHE_FORMAT,
         "dataset": dataset,
         "image_size": image_size,
-        "fingerprints": [splits["train"]._fingerprint, splits["validation"]._fingerprint],
+        "fingerprints": [split_fingerprint(splits["train"]), split_fingerprint(splits["validation"])],
         "config": asdict(config),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
