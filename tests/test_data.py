@@ -5,6 +5,8 @@ import json
 import logging
 import pickle
 import re
+import subprocess
+import sys
 
 import datasets
 import numpy as np
@@ -28,6 +30,7 @@ from dallekit.data import (
     shift_and_scale,
     to_rgb,
 )
+from dallekit.data.cache import split_fingerprint
 from dallekit.data.digits import DIGIT_NAMES
 from dallekit.data.replay import MAX_REPLAY_ROWS, replay_passes
 from dallekit.data.shapes import COLOURS, POSITIONS, SHAPES
@@ -506,3 +509,21 @@ def test_collator_in_a_data_loader_passes_labels(digits):
     assert batch["label"].tolist() == digits["validation"]["label"][:8]
     assert batch["text"] == digits["validation"]["text"][:8]
     assert batch["num_skipped"] == 0
+
+
+def test_split_fingerprint_is_the_same_in_another_process_and_tells_selections_apart() -> None:
+    """The key of cached codes and judges: another process loading the same split gets the same one (else every run
+    would encode and train them again), and another selection of rows gets another."""
+    splits = load_text_image_dataset(DataConfig(source="digits", image_size=16))
+    train = splits["train"]
+    elsewhere = subprocess.run(
+        [sys.executable, "-c", "from dallekit.data import DataConfig, load_text_image_dataset\n"
+         "from dallekit.data.cache import split_fingerprint\n"
+         "print(split_fingerprint(load_text_image_dataset(DataConfig(source='digits', image_size=16))['train']))"],
+        capture_output=True, text=True, check=True).stdout.split()[-1]
+    assert split_fingerprint(train) == elsewhere
+    shuffled = train.shuffle(seed=0)
+    keys = {split_fingerprint(split) for split in (train, splits["validation"], shuffled,
+                                                     shuffled.select(range(10)), train.shuffle(seed=1).select(range(10)),
+                                                     datasets.concatenate_datasets([train, train]))}
+    assert len(keys) == 6
