@@ -20,7 +20,9 @@ and caption draws are seeded by (shard, row in shard), so every process count, a
 gives the same codes in the same order.
 
 With augmentation, the `train` split holds each original followed by `copies` randomly shifted and
-scaled variants (same caption and other columns); the settings are part of its fingerprint. When
+scaled variants (same caption and other columns); the settings are part of its fingerprint. A row
+repeated in a split (replay's passes over new data) has its unaugmented image encoded once, found by
+its bytes (or path), and its copies drawn and encoded anew each time. When
 the `train` split has a `captions` column (several captions per image), each of its code sequences,
 the original and every copy, gets as `text` one caption drawn from its image's `captions` by an RNG
 seeded with (augmentation seed, shard, row, copy index). Validation keeps its `text`.
@@ -53,6 +55,16 @@ from stage1_dvae import DVAEModel
 logger = logging.getLogger(__name__)
 
 CODE_SHARD_SIZE = 10_000  # rows of a map-style split per code shard (a stream keeps its own shards)
+MAX_REMEMBERED_ORIGINALS = 20_000  # unaugmented images whose codes a pretokenize call keeps, to encode repeats once
+
+
+def content_key(value: object) -> bytes | None:
+    """A digest of an undecoded image (`{"bytes", "path"}`): its bytes, else its path; None for anything else."""
+    if not isinstance(value, Mapping):
+        return None
+    if value.get("bytes") is not None:
+        return hashlib.blake2b(value["bytes"], digest_size=16).digest()
+    return os.fsencode(os.path.abspath(value["path"])) if value.get("path") else None
 
 
 class PretokenizedSplits(datasets.DatasetDict):
@@ -144,24 +156,41 @@ def pretokenize(
             return text
         return captions[np.random.default_rng([augmentation.seed, *seed, copy]).integers(len(captions))]
 
+    # The codes of unaugmented images already encoded, by content: a row repeated in a split (the passes of
+    # `DataConfig.replay_fraction`) is encoded once; its augmented copies, drawn per row, are encoded each time.
+    originals: dict[bytes, np.ndarray] = {}
+
     @torch.no_grad()
     def encode(batch: dict[str, list], shard: int, first_row: int, augment: bool, draw: bool) -> dict[str, list]:
         """The code sequences of rows `first_row`, `first_row + 1`, ... of shard `shard`."""
-        pixels, rows, texts = [], [], []
+        pixels, sequences, texts = [], [], []  # sequences: (row, an original's content key, its remembered codes)
         for row, value in enumerate(batch["image"]):
-            image = decode_image(value)
-            if image is not None:
-                seed = [shard, first_row + row]
-                for copy, variant in enumerate(variants(image, seed, augment)):
+            content, seed = content_key(value), [shard, first_row + row]
+            if not augment and content in originals:  # no copies to draw: not even decoded
+                images = [None]
+            elif (image := decode_image(value)) is not None:
+                images = variants(image, seed, augment)
+            else:
+                continue
+            for copy, variant in enumerate(images):
+                original = content if copy == 0 else None
+                remembered = originals.get(original) if original is not None else None
+                if remembered is None:
                     pixels.append(transform(variant))
-                    rows.append(row)
-                    if draw:
-                        texts.append(draw_caption(batch["captions"][row], batch["text"][row], seed, copy))
-        result = {key: [values[i] for i in rows] for key, values in batch.items() if key != "image"}
+                sequences.append((row, original, remembered))
+                if draw:
+                    texts.append(draw_caption(batch["captions"][row], batch["text"][row], seed, copy))
+        result = {key: [values[row] for row, _, _ in sequences] for key, values in batch.items() if key != "image"}
         if draw:
             result["text"] = texts
-        codes = model.encode(torch.stack(pixels).to(device)).flatten(1) if pixels else torch.empty(0, 0)
-        result["codes"] = codes.cpu().tolist()
+        encoded = iter(model.encode(torch.stack(pixels).to(device)).flatten(1).cpu().numpy() if pixels else [])
+        result["codes"] = []
+        for _, original, codes in sequences:
+            if codes is None:
+                codes = next(encoded).astype(np.int32)  # a copy: the batch's array is not kept
+                if original is not None and len(originals) < MAX_REMEMBERED_ORIGINALS:
+                    originals[original] = codes
+            result["codes"].append(codes.tolist())
         return result
 
     def encode_shard(split: datasets.Dataset | datasets.IterableDataset, index: int, num_shards: int, path: Path,

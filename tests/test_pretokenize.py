@@ -121,6 +121,32 @@ def test_shard_size_cuts_the_files_not_the_codes(tmp_path: Path, inputs) -> None
     assert [record["skipped"] for record in records] == [1, 0, 0, 1, 0]
 
 
+def test_a_repeated_row_has_its_unaugmented_image_encoded_once(tmp_path: Path, inputs) -> None:
+    """Replay repeats the new data (passes): each repeat's augmented copies are drawn anew and encoded, its
+    unaugmented image is not encoded again but gets the codes it got the first time."""
+    model, splits, _ = load_inputs(inputs)
+    images = []
+    model.encoder.register_forward_hook(lambda module, args, output: images.append(len(args[0])))
+    rows = splits["train"].select(range(6, 14))  # eight readable rows
+    once = pretokenize({"train": rows}, model, tmp_path / "once", AUGMENTATION, batch_size=BATCH_SIZE)
+    per_image = 1 + AUGMENTATION.copies
+    images.clear()
+    three_passes = datasets.concatenate_datasets([rows] * 3)
+    repeated = pretokenize({"train": three_passes}, model, tmp_path / "repeated", AUGMENTATION, batch_size=BATCH_SIZE)
+    assert sum(images) == 8 * per_image + 2 * 8 * AUGMENTATION.copies
+    codes = list(repeated["train"]["codes"])
+    assert len(codes) == 3 * 8 * per_image and codes[: 8 * per_image] == once["train"]["codes"]
+    originals = codes[::per_image]
+    assert originals[:8] == originals[8:16] == originals[16:]
+    copies = [sequence for index, sequence in enumerate(codes) if index % per_image]
+    assert copies[: 8 * AUGMENTATION.copies] != copies[8 * AUGMENTATION.copies: 16 * AUGMENTATION.copies]
+
+    images.clear()  # without augmentation a repeated row is not even decoded again
+    plain = pretokenize({"train": three_passes}, model, tmp_path / "plain", batch_size=BATCH_SIZE)
+    plain_codes = list(plain["train"]["codes"])
+    assert sum(images) == 8 and len(plain_codes) == 24 and plain_codes == plain_codes[:8] * 3
+
+
 def test_two_processes_give_the_one_process_result_and_share_its_cache(tmp_path: Path, inputs) -> None:
     model, splits, calls = load_inputs(inputs)
     one, two = tmp_path / "one", tmp_path / "two"
