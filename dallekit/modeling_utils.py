@@ -1,4 +1,4 @@
-"""What the models share for loading and inference: strict loading, the inference dtype, pixels as uint8.
+"""What the models share: strict loading, the convolutional initialisation, the inference dtype, pixels as uint8.
 
 Layer 0: libraries only. The models (`modeling_*.py`) take these from here, not from `dallekit.training`,
 so that loading a model for inference imports neither accelerate nor the training configs.
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from einops import rearrange
+from torch import nn
 from transformers import PreTrainedModel
 
 
@@ -50,6 +51,21 @@ class StrictPreTrainedModel(PreTrainedModel):
             details = "; ".join(f"{name}: {sorted(keys)[:5]}" for name, keys in problems.items())
             raise ValueError(f"{pretrained_model_name_or_path} does not match {cls.__name__}: {details}")
         return (model, info) if wants_info else model
+
+
+def init_convolutional_weights(module: nn.Module) -> bool:
+    """He-normal weights and zero biases for convolutions and linear layers (ReLU-family networks), ones and zeros for
+    group norms: the image tokenizer's and the scorer's initialisation. Returns whether `module` was one of these."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.GroupNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    else:
+        return False
+    return True
 
 
 def cpu_supports_fast_bf16() -> bool:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from dallekit.modeling_utils import StrictPreTrainedModel
+from dallekit.modeling_utils import StrictPreTrainedModel, init_convolutional_weights
 from stage1_dvae.configuration_dvae import DVAEConfig
 from stage1_dvae.losses import decoder_output_channels, reconstruction_loss, to_pixels
 from stage1_dvae.quantizers import FiniteScalarQuantizer, GumbelQuantizer, VectorQuantizer
@@ -106,15 +106,8 @@ class DVAEPreTrainedModel(StrictPreTrainedModel):
     main_input_name = "pixel_values"
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
+        if not init_convolutional_weights(module) and isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=1.0)
-        elif isinstance(module, nn.GroupNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
 
 
 class DVAEModel(DVAEPreTrainedModel):

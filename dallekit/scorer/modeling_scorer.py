@@ -36,7 +36,7 @@ from transformers import CLIPTextModel
 from transformers.models.clip.modeling_clip import image_text_contrastive_loss
 from transformers.utils import ModelOutput
 
-from dallekit.modeling_utils import StrictPreTrainedModel
+from dallekit.modeling_utils import StrictPreTrainedModel, init_convolutional_weights
 from dallekit.scorer.configuration_scorer import ScorerConfig
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp of exp(logit_scale): a temperature no lower than 0.01
@@ -81,14 +81,7 @@ class ScorerPreTrainedModel(StrictPreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         # The CLIP text model is a sub-model: transformers initialises it with CLIP's own scheme.
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.GroupNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, ScorerModel):
+        if not init_convolutional_weights(module) and isinstance(module, ScorerModel):
             nn.init.constant_(module.logit_scale, self.config.logit_scale_init_value)
 
 
