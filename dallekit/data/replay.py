@@ -43,7 +43,7 @@ def mix_in_replay(train: datasets.Dataset | datasets.IterableDataset, replay: da
         raise DataError(f"replay_source={source!r} has no image and text columns to mix into the training data: "
                         "give a captioned image source")
     train, replay = train.select_columns(shared), replay.select_columns(shared)
-    if train.features is not None:
+    if train.features is not None and replay.features != train.features:
         replay = replay.cast(train.features)
     if isinstance(train, datasets.Dataset) and isinstance(replay, datasets.Dataset):
         passes = replay_passes(len(train), len(replay), fraction)
