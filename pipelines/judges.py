@@ -33,6 +33,7 @@ from dallekit.data.cache import dallekit_cache_dir, source_fingerprint, split_fi
 from dallekit.evaluation import EVALUATION_SEED
 from dallekit.scorer import ScorerConfig, TextImageScorer
 from dallekit.scorer.train import ScorerTrainConfig, train
+from dallekit.training.accelerator import launched_on_cpu, resolve_mixed_precision
 from dallekit.training.checkpointing import write_directory
 from dallekit.training.config import load_config, recipe_exists, recipe_path, to_dict
 from dallekit.training.data import count_examples, fitted_batch_size
@@ -90,7 +91,10 @@ def load_or_train_judge(
             else ScorerTrainConfig()
     config = copy.deepcopy(config)
     run = config.training
-    mixed_precision = AcceleratorState().mixed_precision if is_initialized() else run.mixed_precision
+    # The precision it trains in, resolved (`auto` is bf16 where that is fast): part of the cache key, so that
+    # `dallekit evaluate` finds the judge a `dallekit train` process trained under its accelerator.
+    mixed_precision = AcceleratorState().mixed_precision if is_initialized() else resolve_mixed_precision(
+        run.mixed_precision, use_cpu=launched_on_cpu())
     config = dataclasses.replace(  # validated again, the model's image size following the data's
         config,
         data=dataclasses.replace(data, image_size=image_size),

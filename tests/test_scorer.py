@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from dallekit.training.checkpointing import list_checkpoints
 from dallekit.training.config import ConfigError, load_config
 from pipelines import TextToImagePipeline
 from pipelines.judges import load_or_train_judge
+from tests.conftest import cpu_processes_env
 from tests.test_evaluation import cache_dir, digits_classifier, pipe  # noqa: F401 (fixtures: a quick classifier,
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,6 +205,29 @@ def test_evaluation_scorer_is_cached_and_leaves_the_random_state_alone(
                                      cache_dir=scorers_dir)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert small.model.config.image_size == 8 and small.image_features(pixels[:, :, :8, :8]).shape == (4, 32)
+
+
+JUDGE_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+from pipelines.judges import load_or_train_judge
+from tests.test_scorer import tiny_config
+cache = Path(sys.argv[1])
+if sys.argv[2] == "after-training":  # as in `dallekit train`: the process's accelerator exists, at auto precision
+    from dallekit.training.accelerator import create_accelerator
+    from dallekit.training.config import TrainingConfig
+    create_accelerator(TrainingConfig(output_dir=str(cache / "run"), report_to="none"))
+load_or_train_judge("digits", 16, config=tiny_config(cache / "run", "--mixed_precision", "auto"), cache_dir=cache)
+"""
+
+
+def test_evaluate_finds_the_judge_that_a_training_process_cached(tmp_path: Path) -> None:
+    """`dallekit train` trains the judge under its accelerator's precision (resolved); `dallekit evaluate`, in a
+    process without one, must resolve the recipe's `auto` the same way and load it, not train another."""
+    for process in ("after-training", "alone"):
+        subprocess.run([sys.executable, "-c", JUDGE_IN_A_PROCESS, str(tmp_path), process], cwd=ROOT, check=True,
+                       capture_output=True, env=cpu_processes_env())
+    assert len(list(tmp_path.glob("digits-16px-seed1234-*"))) == 1
 
 
 def test_evaluate_pipeline_reports_scorer_metrics_with_and_without_labels(

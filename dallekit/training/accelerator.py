@@ -35,6 +35,12 @@ def resolve_mixed_precision(setting: str, use_cpu: bool = False) -> str:
     return "bf16" if cpu_supports_fast_bf16() else "no"
 
 
+def launched_on_cpu() -> bool:
+    """Whether this process trains on its CPU: no accelerator, or a CPU launch (`accelerate launch --cpu`,
+    `configs/accelerate/cpu.yaml`, which set ACCELERATE_USE_CPU and keep a GPU machine on its CPU)."""
+    return not torch.accelerator.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
 def create_accelerator(config: TrainingConfig) -> Accelerator:
     """An Accelerator configured from `config`, logging where it runs.
 
@@ -44,10 +50,9 @@ def create_accelerator(config: TrainingConfig) -> Accelerator:
     the loop, not through accelerate's dynamo plugin, which only the process's first accelerator sets.
     """
     output_dir = Path(config.output_dir)
-    # Without an accelerator, say so: several processes then form a gloo group (MULTI_CPU). A
-    # single-process CPU launch (configs/accelerate/cpu.yaml, `accelerate launch --cpu`) sets
-    # ACCELERATE_USE_CPU, which keeps a GPU machine on its CPU, for the precision too.
-    use_cpu = not torch.accelerator.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+    # Without an accelerator, say so: several processes then form a gloo group (MULTI_CPU); a CPU
+    # launch keeps a GPU machine on its CPU, for the precision too.
+    use_cpu = launched_on_cpu()
     mixed_precision = resolve_mixed_precision(config.mixed_precision, use_cpu=use_cpu)
     if is_initialized() and AcceleratorState().mixed_precision != mixed_precision:
         raise ConfigError(
