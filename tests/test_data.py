@@ -1,5 +1,6 @@
 """Tests for dallekit.data: built-in datasets, folder and parquet sources, transforms, collator."""
 
+import dataclasses
 import io
 import json
 import logging
@@ -246,6 +247,25 @@ def test_image_folder_loads_and_collates_skipping_corrupt_files(tmp_path, metada
     assert rgb_pixel(pixels["caption of palette.png"], 4, 4) == list(BLUE)
     assert rgb_pixel(pixels["caption of grey.png"], 4, 4) == list(GREY)
     assert rgb_pixel(pixels["caption of deep.png"], 4, 4) == list(GREY)  # rescaled, not clipped
+
+
+def test_a_folder_is_resolved_once_per_process_until_a_file_changes(tmp_path, monkeypatch):
+    """Every consumer of a run loads its data; `datasets.load_dataset` runs again only when a file has changed."""
+    folder = tmp_path / "images"
+    write_image_folder(folder, "jsonl")
+    calls = []
+    load_dataset = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: calls.append(args) or load_dataset(
+        *args, **kwargs))
+    config = DataConfig(source=str(folder), image_size=8)
+    first = load_text_image_dataset(config)
+    again = load_text_image_dataset(dataclasses.replace(config, image_size=16))
+    assert len(calls) == 1 and again["train"]["text"] == first["train"]["text"]
+    PIL.Image.new("RGB", (16, 16), "red").save(folder / "new.png")
+    with (folder / "metadata.jsonl").open("a") as metadata:
+        metadata.write(json.dumps({"file_name": "new.png", "text": "a red square"}) + "\n")
+    changed = load_text_image_dataset(config)
+    assert len(calls) == 2 and len(changed["train"]) + len(changed["validation"]) == 8
 
 
 def test_streamed_image_folder_leaves_corrupt_files_to_the_collator(tmp_path):

@@ -22,17 +22,22 @@ def source_fingerprint(config: DataConfig) -> str:
     """A digest of `config` and of the name, size and modification time of every local file its source
     (and `validation_source`, `replay_source`) names: it changes when a file is added, removed or rewritten. A stream has no
     fingerprint of its own (`datasets` gives map-style datasets one); a Hub source is known by its id only."""
+    sources = filter(None, (config.source, config.validation_source, config.replay_source))
+    return Hasher.hash([dataclasses.asdict(config), [local_files(source) for source in sources]])
+
+
+def local_files(source: str) -> list[tuple[str, int, int]]:
+    """(path, size, modification time) of every local file `source` names (a folder's, recursively; a file; shards):
+    what changes when a file is added, removed or rewritten. Empty for a Hub id."""
+    names = [name for group in shard_files(source).values() for name in group] if is_shard_source(source) \
+        else [os.path.expanduser(source)]
     files = []
-    for source in filter(None, (config.source, config.validation_source, config.replay_source)):
-        names = [name for group in shard_files(source).values() for name in group] if is_shard_source(source) \
-            else [os.path.expanduser(source)]
-        for name in names:
-            if os.path.isdir(name):
-                files += [os.path.join(root, file) for root, _, found in os.walk(name) for file in found]
-            elif os.path.isfile(name):
-                files.append(name)
-    stats = [(os.path.abspath(file), os.stat(file).st_size, os.stat(file).st_mtime_ns) for file in sorted(files)]
-    return Hasher.hash([dataclasses.asdict(config), stats])
+    for name in names:
+        if os.path.isdir(name):
+            files += [os.path.join(root, file) for root, _, found in os.walk(name) for file in found]
+        elif os.path.isfile(name):
+            files.append(name)
+    return [(os.path.abspath(file), os.stat(file).st_size, os.stat(file).st_mtime_ns) for file in sorted(files)]
 
 
 def split_fingerprint(split: datasets.Dataset) -> str:
