@@ -543,7 +543,7 @@ def test_split_fingerprint_is_the_same_in_another_process_and_tells_selections_a
         capture_output=True, text=True, check=True).stdout.split()[-1]
     assert split_fingerprint(train) == elsewhere
     shuffled = train.shuffle(seed=0)
-    keys = {split_fingerprint(split) for split in (train, splits["validation"], shuffled,
-                                                     shuffled.select(range(10)), train.shuffle(seed=1).select(range(10)),
-                                                     datasets.concatenate_datasets([train, train]))}
+    others = (splits["validation"], shuffled, shuffled.select(range(10)), train.shuffle(seed=1).select(range(10)),
+              datasets.concatenate_datasets([train, train]))
+    keys = {split_fingerprint(split) for split in (train, *others)}
     assert len(keys) == 6

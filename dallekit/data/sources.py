@@ -130,8 +130,8 @@ def _load_dataset(config: DataConfig, path: str | None = None,
     one-line `DataError`s. A map-style load is kept for this process's next load of the same, unchanged files
     (a stream is not: it holds the state of its iteration)."""
     local = os.path.exists(config.source) or (is_shard_source(config.source) and "://" not in config.source)
-    key = None if config.streaming else Hasher.hash(
-        [path, config.source, options, [local_files(name) for name in (config.source, config.validation_source) if name]])
+    sources = [name for name in (config.source, config.validation_source) if name]
+    key = None if config.streaming else Hasher.hash([path, options, [(name, local_files(name)) for name in sources]])
     if key in _LOADED:
         return datasets.DatasetDict(_LOADED[key])
     try:
