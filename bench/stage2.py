@@ -105,7 +105,7 @@ def matmul_only_step(config: PriorConfig, batch_size: int, dtype: torch.dtype, d
     """FLOP/s of a training step that ran nothing but its weight matmuls: every projection and both vocabulary heads at
     the batch's rows, each as the step runs it (forward `x @ W.T`, input gradient `g @ W`, weight gradient `g.T @ x`).
     Against the peak, this bounds what fusing or removing every other kernel could give."""
-    tokens = batch_size * (config.max_seq_len - 1)
+    tokens = batch_size * config.max_seq_len  # the decoder runs every position, as in `matmul_peak`
     hidden, intermediate = config.hidden_size, config.intermediate_size
     layers = config.num_hidden_layers
     kv = hidden // config.num_attention_heads * (config.num_key_value_heads or config.num_attention_heads)

@@ -174,7 +174,7 @@ def pretokenize(
                 continue
             for copy, variant in enumerate(images):
                 original = content if copy == 0 else None
-                remembered = originals.get(original) if original is not None else None
+                remembered = originals.get(original)  # never for a copy: None is no key
                 if remembered is None:
                     pixels.append(transform(variant))
                 sequences.append((row, original, remembered))
